@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Bootstrap and run Lookout from a fresh clone with nothing but Python 3.11+.
+
+    python3 dev.py demo      run the demo
+    python3 dev.py test      lint, type-check and run the whole test suite
+    python3 dev.py lock      re-resolve requirements/dev.lock from pyproject.toml
+
+The first run creates `.venv/`, installs uv into it and syncs the pinned lock file;
+later runs reuse it until pyproject.toml or the lock file changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("LOOKOUT_VENV", ROOT / ".venv"))
+LOCK = ROOT / "requirements" / "dev.lock"
+UV_VERSION = "0.13.9"
+STAMP = VENV / ".lookout-stamp"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+USAGE = __doc__.split("\n\n")[1]
+
+
+def step(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def run(*cmd: str | Path, check: bool = True) -> int:
+    code = subprocess.call([str(c) for c in cmd], cwd=ROOT)
+    if check and code != 0:
+        print(f"dev.py: {Path(str(cmd[0])).name} exited with {code}", file=sys.stderr)
+        sys.exit(1)
+    return code
+
+
+def wanted_stamp() -> str:
+    digest = hashlib.sha256()
+    for path in (ROOT / "pyproject.toml", LOCK):
+        digest.update(path.read_bytes())
+    digest.update(sys.version.encode())
+    return digest.hexdigest()
+
+
+def bootstrap() -> None:
+    """Create the virtualenv and install the locked dependencies, showing progress."""
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be run by an older python3
+        sys.exit(f"dev.py: Python 3.11 or newer is needed, this is {sys.version.split()[0]}.")
+    python = BIN / "python"
+    if not python.exists():
+        step(f"creating virtualenv {VENV}")
+        run(sys.executable, "-m", "venv", VENV)
+    stamp = wanted_stamp()
+    if STAMP.exists() and STAMP.read_text() == stamp:
+        return
+    started = time.monotonic()
+    uv = BIN / "uv"
+    if not uv.exists():
+        step(f"installing uv {UV_VERSION} into the virtualenv")
+        run(python, "-m", "pip", "install", "--disable-pip-version-check", f"uv=={UV_VERSION}")
+    env = {**os.environ, "VIRTUAL_ENV": str(VENV)}
+    step(f"syncing dependencies from {LOCK.relative_to(ROOT)}")
+    code = subprocess.call([str(uv), "pip", "sync", str(LOCK)], cwd=ROOT, env=env)
+    if code != 0:
+        sys.exit(f"dev.py: dependency sync failed (uv exited {code}); see the lines above.")
+    step("installing lookout and busline (editable)")
+    code = subprocess.call(
+        [str(uv), "pip", "install", "--no-deps", "-e", str(ROOT)], cwd=ROOT, env=env
+    )
+    if code != 0:
+        sys.exit(f"dev.py: editable install failed (uv exited {code}).")
+    STAMP.write_text(stamp)
+    step(f"environment ready in {time.monotonic() - started:.1f}s")
+
+
+def cmd_test(args: list[str]) -> int:
+    bootstrap()
+    step("ruff check")
+    run(BIN / "ruff", "check", "src", "tests", "bench", "dev.py")
+    step("ruff format --check")
+    run(BIN / "ruff", "format", "--check", "src", "tests", "bench", "dev.py")
+    step("mypy (strict, src/)")
+    run(BIN / "mypy")
+    step("pytest")
+    code = run(BIN / "python", "-m", "pytest", *args, check=False)
+    if code == 5:
+        print("dev.py: pytest collected no tests; that counts as a failure.", file=sys.stderr)
+        return 1
+    return 0 if code == 0 else 1
+
+
+def cmd_demo(args: list[str]) -> int:
+    bootstrap()
+    # Until busline and the server land, the demo is the SDK quick-start pair of services.
+    return run(BIN / "python", ROOT / "docs" / "examples" / "demo.py", *args, check=False)
+
+
+def cmd_lock(_: list[str]) -> int:
+    bootstrap()
+    step("resolving requirements/dev.lock")
+    return run(
+        BIN / "uv", "pip", "compile", "pyproject.toml", "--extra", "dev",
+        "--python-version", "3.11", "--output-file", LOCK, check=False,
+    )  # fmt: skip
+
+
+COMMANDS = {"test": cmd_test, "demo": cmd_demo, "lock": cmd_lock}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage:\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

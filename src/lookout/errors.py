@@ -1,0 +1,25 @@
+"""The Lookout exception tree, grouped by cause.
+
+Foreign errors (duckdb, httpx, OS errors) are translated into these at the boundary,
+and every exception keeps its data as attributes so callers never parse messages.
+"""
+
+from __future__ import annotations
+
+
+class LookoutError(Exception):
+    """Base class of every error Lookout raises on purpose."""
+
+
+class ConfigError(LookoutError):
+    """A setting has a value Lookout cannot use."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key = key
+        self.value = value
+        self.expected = expected
+        super().__init__(f"Config '{key}' has value {value!r}. Expected {expected}.")
+
+
+class UsageError(LookoutError):
+    """The command line was called with words it does not take."""
