@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -61,6 +63,8 @@ class Recorder:
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     spans: list[ExportedSpan] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    envelope_items: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -93,6 +97,16 @@ def _decode(body: bytes) -> list[ExportedSpan]:
                     )
                 )
     return out
+
+
+def _decode_envelope(body: bytes, headers: dict[str, str]) -> list[tuple[str, Any]]:
+    """(item type, JSON payload) of every item of a Sentry envelope."""
+    from sentry_sdk.envelope import Envelope
+
+    if headers.get("content-encoding") == "gzip":
+        body = gzip.decompress(body)
+    envelope = Envelope.deserialize(body)
+    return [(item.type or "", item.payload.json) for item in envelope.items]
 
 
 def _decode_logs(body: bytes) -> list[dict[str, Any]]:
@@ -134,6 +148,11 @@ def http_peer(status: int = 200) -> Iterator[tuple[str, Recorder]]:
                     recorder.spans.extend(_decode(body))
                 elif self.path == "/v1/logs":
                     recorder.logs.extend(_decode_logs(body))
+                elif re.fullmatch(r"/api/\d+/envelope/", self.path):
+                    for kind, payload in _decode_envelope(body, headers):
+                        recorder.envelope_items.append(kind)
+                        if kind == "event":
+                            recorder.events.append(payload)
             payload = b'{"ok":true}'
             self.send_response(status)
             self.send_header("content-type", "application/json")

@@ -11,8 +11,11 @@ Every keyword has an environment variable; see docs/sdk.md.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
+import signal
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import structlog
@@ -20,7 +23,7 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge, disable_created_metrics
 from structlog._config import BoundLoggerLazyProxy
 
-from lookout.sdk import _httpx
+from lookout.sdk import _errors, _httpx, _messaging, _sqlalchemy
 from lookout.sdk._asgi import LookoutMiddleware, RouteResolver
 from lookout.sdk._guard import guard, warn_once
 from lookout.sdk._metrics import DEFAULT_BUCKETS, ExemplarHistogram, MetricRegistry
@@ -30,12 +33,17 @@ from lookout.sdk._settings import resolve
 __all__ = [
     "DEFAULT_BUCKETS",
     "bind",
+    "capture_exception",
     "counter",
     "gauge",
     "get_logger",
     "histogram",
     "init",
+    "instrument_sqlalchemy",
     "metrics_url",
+    "processing",
+    "publishing",
+    "set_user",
     "shutdown",
     "tracer",
     "unbind",
@@ -80,6 +88,8 @@ def init(
     traces_exporter: str | None = None,
     framework_spans: bool | None = None,
     sdk_disabled: bool | None = None,
+    dsn: str | None = None,
+    scrub: bool | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Any:
     """Instrument this process once; with `app=`, return the instrumented ASGI app.
@@ -108,6 +118,8 @@ def init(
         traces_exporter=traces_exporter,
         framework_spans=framework_spans,
         sdk_disabled=sdk_disabled,
+        dsn=dsn,
+        scrub=scrub,
     )
     disable_created_metrics()  # type: ignore[no-untyped-call] # `_created` series double the series count for no use here
     with _lock:
@@ -119,6 +131,7 @@ def init(
         _runtime = runtime
         _register_exit_flush()
     _httpx.install(_current_runtime)
+    _messaging.install_aio_pika(_current_runtime)
     get_logger("lookout.sdk").info(
         "lookout_sdk_started",
         version=settings.version,
@@ -127,14 +140,38 @@ def init(
         traces_endpoint=settings.traces.endpoint if runtime.exporting_traces else None,
     )
     if app is None:
+        _flush_on_sigterm()
         return None
     if not settings.framework_spans:
         _quiet_fastapi(app)
-    return LookoutMiddleware(app, runtime, route_resolver)
+    return LookoutMiddleware(app, runtime, route_resolver, _flush_at_exit)
 
 
-_EXIT_FLUSH_S = 3.0
+_EXIT_FLUSH_S = 2.0
 _exit_registered = False
+
+
+def _flush_at_exit() -> None:
+    shutdown(_EXIT_FLUSH_S)
+
+
+def _flush_on_sigterm() -> None:
+    """In a worker process that left SIGTERM at its default (die at once), flush first.
+
+    Only the main thread can set handlers, and a handler the host installed is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, _: Any) -> None:
+        shutdown(_EXIT_FLUSH_S)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    with guard("SIGTERM handler"):
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _register_exit_flush() -> None:
@@ -197,9 +234,14 @@ def counter(name: str, documentation: str, labelnames: Sequence[str] = ()) -> Co
     return _metric_registry().counter(name, documentation, labelnames)
 
 
-def gauge(name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
-    """Declare a business gauge, such as `active_buses` (idempotent by name)."""
-    return _metric_registry().gauge(name, documentation, labelnames)
+def gauge(
+    name: str, documentation: str, labelnames: Sequence[str] = (), multiprocess_mode: str = "all"
+) -> Gauge:
+    """Declare a business gauge, such as `active_buses` (idempotent by name).
+
+    With several workers (PROMETHEUS_MULTIPROC_DIR), `multiprocess_mode` says how their
+    values combine: `all` (a series per pid), `livesum`, `max`, `mostrecent` ..."""
+    return _metric_registry().gauge(name, documentation, labelnames, multiprocess_mode)
 
 
 def histogram(
@@ -210,3 +252,63 @@ def histogram(
 ) -> ExemplarHistogram:
     """Declare a business histogram; observations in a sampled span carry an exemplar."""
     return _metric_registry().histogram(name, documentation, labelnames, buckets)
+
+
+def capture_exception(exc: BaseException) -> None:
+    """Send an error event for `exc` (a worker loop's failure, say), linked to its trace.
+
+    Unhandled exceptions in requests, threads, asyncio tasks and `processing()` blocks are
+    captured already; this is for errors you handle yourself but still want to see.
+    """
+    with guard("capture_exception"):
+        _errors.capture(exc)
+
+
+def set_user(id: str | int | None = None, **fields: Any) -> None:
+    """Name the user of the current request or task: error events carry it, and log lines
+    carry `user_id`. Extra fields (`username`, `segment` ...) go to error events only."""
+    with guard("set_user"):
+        if id is not None:
+            bind(user_id=str(id))
+        _errors.set_user({**fields, **({"id": str(id)} if id is not None else {})})
+
+
+def instrument_sqlalchemy(engine: Any, *, pool_name: str | None = None) -> Any:
+    """Trace and measure every statement of a sync or async SQLAlchemy engine, and export
+    its pool's state; returns the engine. Call after `init()`."""
+    runtime = _runtime
+    if runtime is None:
+        warn_once("sqlalchemy-before-init", "lookout.sdk: instrument_sqlalchemy() before init()")
+        return engine
+    with guard("instrument_sqlalchemy"):
+        _sqlalchemy.instrument(runtime, engine, pool_name)
+    return engine
+
+
+@contextlib.contextmanager
+def publishing(
+    destination: str, headers: MutableMapping[str, Any], *, system: str = "custom"
+) -> Iterator[trace.Span]:
+    """Wrap the sending of one message to `destination`: a PRODUCER span, the context
+    written into `headers` (send them with the message), and the sent-messages count."""
+    runtime = _runtime
+    if runtime is None:
+        yield trace.INVALID_SPAN
+        return
+    with _messaging.publishing(runtime, destination, headers, system) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def processing(
+    destination: str, headers: Mapping[str, Any] | None, *, system: str = "custom"
+) -> Iterator[trace.Span]:
+    """Wrap the handling of one message from `destination`: a CONSUMER span continuing the
+    producer's trace from `headers`, the consumed count, the processing duration, and an
+    error event if the block raises (the exception propagates)."""
+    runtime = _runtime
+    if runtime is None:
+        yield trace.INVALID_SPAN
+        return
+    with _messaging.processing(runtime, destination, headers, system) as span:
+        yield span

@@ -15,7 +15,7 @@ import structlog
 from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from lookout.sdk import _tracing
+from lookout.sdk import _errors, _tracing
 from lookout.sdk._guard import guard, warn_once
 from lookout.sdk._logs import tame_uvicorn
 from lookout.sdk._metrics import UNMATCHED_ROUTE, exemplar_for_current_span
@@ -57,9 +57,14 @@ class LookoutMiddleware:
     """Instruments one ASGI app with the process's Runtime."""
 
     def __init__(
-        self, app: ASGIApp, runtime: Runtime, route_resolver: RouteResolver | None
+        self,
+        app: ASGIApp,
+        runtime: Runtime,
+        route_resolver: RouteResolver | None,
+        on_shutdown: Callable[[], None] = lambda: None,
     ) -> None:
         self.app = app
+        self.on_shutdown = on_shutdown
         self.runtime = runtime
         self.route_resolver = route_resolver
         self._tamed = False
@@ -73,9 +78,10 @@ class LookoutMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
         if kind != "http":
-            if kind == "lifespan":
-                tame_uvicorn()
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
@@ -88,7 +94,38 @@ class LookoutMiddleware:
         if not self._tamed:
             self._tamed = True
             tame_uvicorn()
-        await self._instrumented(scope, receive, send)
+            _errors.enable_asyncio()
+        if _errors.enabled():
+            with _errors.request_scope():
+                await self._instrumented(scope, receive, send)
+        else:
+            await self._instrumented(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the lifespan through, and flush telemetry when the server shuts down.
+
+        uvicorn re-raises SIGTERM after a graceful shutdown, so atexit never runs there:
+        lifespan shutdown is the last moment buffered spans can still leave.
+        """
+        tame_uvicorn()
+        _errors.enable_asyncio()
+        state = {"started": False}
+
+        async def send_and_flush(message: Message) -> None:
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
+                state["started"] = True
+            elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                self.on_shutdown()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_flush)
+        except Exception:
+            if state["started"]:
+                raise
+            # The app does not speak lifespan: answer for it, and still flush at the end.
+            await _minimal_lifespan(receive, send, self.on_shutdown)
 
     async def _instrumented(  # noqa: PLR0915 - one flat hot path, no per-request calls
         self, scope: Scope, receive: Receive, send: Send
@@ -101,14 +138,24 @@ class LookoutMiddleware:
         inbound = runtime.propagation.extract(headers, trust=self._trust)
         attributes = _server_attributes(scope, method, original_method, headers)
         attributes.update(inbound.attributes)
-        with _tracing.root_trace_id(inbound.root_trace_id):
+        span_name = "HTTP" if method == "_OTHER" else method
+        if inbound.root_trace_id is None:
             span = runtime.tracer.start_span(
-                "HTTP" if method == "_OTHER" else method,
+                span_name,
                 context=inbound.parent,
                 kind=SpanKind.SERVER,
                 attributes=attributes,
                 links=inbound.links,
             )
+        else:
+            with _tracing.root_trace_id(inbound.root_trace_id):
+                span = runtime.tracer.start_span(
+                    span_name,
+                    context=inbound.parent,
+                    kind=SpanKind.SERVER,
+                    attributes=attributes,
+                    links=inbound.links,
+                )
         token = context.attach(trace.set_span_in_context(span, inbound.parent))
         structlog.contextvars.clear_contextvars()
         span_context = span.get_span_context()
@@ -146,6 +193,7 @@ class LookoutMiddleware:
             failure = exc
             error_type = type(exc).__qualname__
             span.record_exception(exc)
+            _errors.capture(exc, _request_info(scope, headers))
             if started and not finished:
                 raise  # mid-body: only the server can abort the connection
             # The client gets (or already got, from Starlette) a 500 carrying X-Trace-Id.
@@ -157,7 +205,7 @@ class LookoutMiddleware:
                     await _send_500(send_with_trace_id)
         finally:
             duration = time.perf_counter() - begin
-            with guard("request telemetry"):
+            try:  # the guard, spelled out: this is the hot path
                 route = route_template(scope, root_path, self.route_resolver)
                 self._finish(
                     span=span,
@@ -169,6 +217,8 @@ class LookoutMiddleware:
                     scope=scope,
                     failure=failure,
                 )
+            except Exception as exc:  # noqa: BLE001 - telemetry must never fail a request
+                warn_once("request telemetry", "lookout.sdk: request telemetry failed: %r", exc)
             active.dec()
             context.detach(token)
 
@@ -216,7 +266,7 @@ class LookoutMiddleware:
 
         headers = _decode_headers(scope.get("headers", ()))
         encoder, content_type = choose_encoder(headers.get("accept", ""))
-        body = encoder(self.runtime.metrics.registry)
+        body = encoder(self.runtime.exposition)
         await send(
             {
                 "type": "http.response.start",
@@ -262,6 +312,30 @@ def _server_attributes(
     if agent:
         attributes["user_agent.original"] = agent
     return attributes
+
+
+async def _minimal_lifespan(receive: Receive, send: Send, on_shutdown: Callable[[], None]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            on_shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _request_info(scope: Scope, headers: dict[str, str]) -> dict[str, Any]:
+    """The request as an error event shows it (the scrubber runs before it is sent)."""
+    host = headers.get("host", "")
+    query = scope.get("query_string", b"").decode("latin-1")
+    return {
+        "method": scope.get("method"),
+        "url": f"{scope.get('scheme', 'http')}://{host}{scope.get('path', '')}",
+        "query_string": query,
+        "headers": headers,
+        "env": {"REMOTE_ADDR": (scope.get("client") or ("",))[0]},
+    }
 
 
 async def _send_500(send: Send) -> None:

@@ -44,6 +44,27 @@ def guard(cause: str) -> Iterator[None]:
         warn_once(cause, "lookout.sdk: %s failed: %r", cause, exc)
 
 
+# Libraries whose own failure logs are about the SDK's plumbing (an exporter retrying a
+# dead backend, say): the host sees each distinct message at most once a minute.
+PLUMBING_LOGGERS = ("opentelemetry", "sentry_sdk", "urllib3", "requests", INTERNAL_LOGGER)
+
+
+class OncePerMinute(logging.Filter):
+    """Passes a plumbing logger's record once per (logger, message) per minute."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(PLUMBING_LOGGERS) or record.name == INTERNAL_LOGGER:
+            return True  # the internal logger is rate-limited at the source by warn_once
+        cause = f"{record.name}:{record.msg}"
+        now = _clock()
+        with _lock:
+            last = _last_warned.get(cause)
+            if last is not None and now - last < WARN_INTERVAL_S:
+                return False
+            _last_warned[cause] = now
+        return True
+
+
 def reset() -> None:
     """Forget which causes were reported (used between tests)."""
     with _lock:

@@ -7,17 +7,19 @@ the caller bound or passed.
 
 from __future__ import annotations
 
+import json
 import logging
-import sys
-import threading
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import orjson
 import structlog
 from opentelemetry import trace
+from structlog.tracebacks import ExceptionDictTransformer
 
-from lookout.sdk._guard import INTERNAL_LOGGER
+from lookout.sdk._guard import INTERNAL_LOGGER, OncePerMinute, warn_once
+from lookout.sdk._scrub import Scrubber
+from lookout.sdk._stdout import StdoutSink
 
 EventDict = MutableMapping[str, Any]
 Processor = Callable[[Any, str, EventDict], Any]
@@ -51,28 +53,47 @@ def _orjson_dumps(event: EventDict, **_: Any) -> bytes:
     return orjson.dumps(ordered, default=repr, option=orjson.OPT_NON_STR_KEYS)
 
 
-class StdoutSink:
-    """Writes rendered lines to the current sys.stdout; never raises into the caller."""
+def guarded(processor: Processor) -> Processor:
+    """A processor that cannot raise into the code that logged: on failure it reports
+    once a minute and passes the event on unchanged."""
+    name = getattr(processor, "__name__", type(processor).__name__)
 
-    def __init__(self, on_drop: Callable[[str], None]) -> None:
-        self._lock = threading.Lock()
-        self._on_drop = on_drop
-
-    def msg(self, line: bytes) -> None:
+    def run(logger: Any, method: str, event: EventDict) -> Any:
         try:
-            with self._lock:
-                stream = sys.stdout
-                buffer = getattr(stream, "buffer", None)
-                if buffer is not None:
-                    buffer.write(line + b"\n")
-                else:
-                    stream.write(line.decode("utf-8", "replace") + "\n")
-                stream.flush()
-        except (OSError, ValueError):
-            # EPIPE, a closed stdout or a full non-blocking pipe: the line is lost, counted.
-            self._on_drop("stdout_unavailable")
+            return processor(logger, method, event)
+        except structlog.DropEvent:
+            raise
+        except Exception as exc:  # noqa: BLE001 - logging must never raise into the host
+            warn_once(
+                f"log processor {name}", "lookout.sdk: log processor %s failed: %r", name, exc
+            )
+            return event
 
-    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+    return run
+
+
+def guarded_renderer(renderer: Processor) -> Processor:
+    """The last processor, guarded: if it fails, a minimal line still goes out."""
+    if getattr(renderer, "_lookout_guarded", False):
+        return renderer
+
+    def run(logger: Any, method: str, event: EventDict) -> Any:
+        try:
+            return renderer(logger, method, event)
+        except structlog.DropEvent:
+            raise
+        except Exception as exc:  # noqa: BLE001 - logging must never raise into the host
+            warn_once("log renderer", "lookout.sdk: rendering a log line failed: %r", exc)
+            fallback = {
+                "timestamp": str(event.get("timestamp", "")),
+                "level": str(event.get("level", method)),
+                "event": str(event.get("event", "")),
+                "lookout_render_error": type(exc).__name__,
+            }
+            return json.dumps(fallback).encode()
+
+    run._lookout_guarded = True  # type: ignore[attr-defined]
+    return run
 
 
 class _SinkFactory:
@@ -86,21 +107,29 @@ class _SinkFactory:
 class LogPipeline:
     """The processor chain shared by structlog calls and standard-library records."""
 
-    def __init__(self, service: str, level: str, on_drop: Callable[[str], None]) -> None:
+    def __init__(
+        self, service: str, level: str, on_drop: Callable[[str], None], scrubber: Scrubber
+    ) -> None:
         self.service = service
         self.level = getattr(logging, level)
         self.sink = StdoutSink(on_drop)
+        self.scrubber = scrubber
         # One list, configured once and changed only in place: loggers bound earlier
         # (module-level ones, the access log) hold a reference to it, not a copy.
         self.chain: list[Processor] = [
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            add_trace_ids,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
-            self._add_service,
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
+            guarded(processor)
+            for processor in (
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                add_trace_ids,
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+                self._add_service,
+                # Tracebacks as data, without locals (error events carry those, scrubbed).
+                structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+                self._scrub,
+            )
         ]
+        self.chain.append(guarded_renderer(structlog.processors.JSONRenderer(_orjson_dumps)))
         self._handler: StructlogHandler | None = None
 
     @property
@@ -110,7 +139,17 @@ class LogPipeline:
 
     @renderer.setter
     def renderer(self, processor: Processor) -> None:
-        self.chain[-1] = processor
+        self.chain[-1] = guarded_renderer(processor)
+
+    def _scrub(self, _: Any, __: str, event: EventDict) -> EventDict:
+        """Secrets and personal data never reach the line (see _scrub.py for the rules)."""
+        if not self.scrubber.enabled:
+            return event
+        scrub = self.scrubber.scrub_field
+        for key, value in event.items():
+            if not isinstance(value, bool | float) and value is not None:
+                event[key] = scrub(key, value)
+        return event
 
     def _add_service(self, _: Any, __: str, event: EventDict) -> EventDict:
         event.setdefault("service", self.service)
@@ -129,9 +168,13 @@ class LogPipeline:
         for handler in list(root.handlers):
             root.removeHandler(handler)
         self._handler = StructlogHandler(self)
+        self._handler.addFilter(OncePerMinute())
         root.addHandler(self._handler)
         root.setLevel(self.level)
         logging.getLogger(INTERNAL_LOGGER).setLevel(logging.WARNING)
+        # The batch processor warns on every span a full queue drops; the SDK counts those
+        # in lookout_sdk_dropped_total instead.
+        logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
         # httpx logs every request at INFO; the client span and metric already say it.
         for chatty in ("httpx", "httpcore"):
             logging.getLogger(chatty).setLevel(max(self.level, logging.WARNING))

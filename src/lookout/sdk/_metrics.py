@@ -7,8 +7,10 @@ what the registry exposes). Service identity comes from the scrape's `job` and
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -20,11 +22,13 @@ from prometheus_client import (
     Gauge,
     Histogram,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from lookout.errors import ConfigError
+from lookout.sdk._guard import warn_once
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
@@ -53,6 +57,7 @@ class MetricRegistry:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
         self._declared: dict[str, tuple[type, tuple[str, ...], Any]] = {}
+        self._collectors: dict[str, tuple[Any, tuple[tuple[str, str, tuple[str, ...]], ...]]] = {}
         self._lock = threading.Lock()
         if registry is not REGISTRY:
             # The default registry has the process_* collectors already; a fresh one needs them.
@@ -85,6 +90,18 @@ class MetricRegistry:
             self._declared[name] = (kind, labels, metric)
             return metric
 
+    def collector(
+        self, key: str, collector: Any, families: Sequence[tuple[str, str, tuple[str, ...]]]
+    ) -> Any:
+        """Register a custom collector once; `families` describes what it exposes."""
+        with self._lock:
+            existing = self._collectors.get(key)
+            if existing is not None:
+                return existing[0]
+            self.registry.register(collector)
+            self._collectors[key] = (collector, tuple(families))
+            return collector
+
     def declared(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(exposed name, type, label names) of every metric declared here."""
         kinds: dict[type, str] = {
@@ -96,14 +113,26 @@ class MetricRegistry:
         for name, (kind, labels, _) in sorted(self._declared.items()):
             exposed = f"{name}_total" if kind is Counter and not name.endswith("_total") else name
             out.append((exposed, kinds.get(kind, kind.__name__.lower()), labels))
-        return out
+        for _, families in self._collectors.values():
+            out.extend(families)
+        return sorted(out)
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
         metric: Counter = self.declare(Counter, name, documentation, labelnames)
         return metric
 
-    def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
-        metric: Gauge = self.declare(Gauge, name, documentation, labelnames)
+    def gauge(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        multiprocess_mode: str = "all",
+    ) -> Gauge:
+        """A gauge; `multiprocess_mode` says how workers' values combine (prometheus_client's
+        modes: `all` keeps one series per pid, `livesum` adds live workers up ...)."""
+        metric: Gauge = self.declare(
+            Gauge, name, documentation, labelnames, multiprocess_mode=multiprocess_mode
+        )
         return metric
 
     def histogram(
@@ -117,6 +146,46 @@ class MetricRegistry:
             ExemplarHistogram, name, documentation, labelnames, buckets=tuple(buckets)
         )
         return metric
+
+
+class PoolCollector:
+    """Connection pool gauges, read from each instrumented pool at scrape time."""
+
+    FAMILIES = (
+        ("db_client_connection_count", "gauge", ("pool_name", "state")),
+        ("db_client_connection_max", "gauge", ("pool_name",)),
+    )
+
+    def __init__(self) -> None:
+        self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add(self, pool: Any) -> None:
+        """`pool` has `pool_name` and `pool_state() -> (used, idle, max or None)`."""
+        self._pools.add(pool)
+
+    def collect(self) -> Iterator[Metric]:
+        count = GaugeMetricFamily(
+            "db_client_connection_count",
+            "Connections in the pool, by state (used or idle).",
+            labels=["pool_name", "state"],
+        )
+        limit = GaugeMetricFamily(
+            "db_client_connection_max",
+            "The most connections the pool opens.",
+            labels=["pool_name"],
+        )
+        for pool in list(self._pools):
+            try:
+                used, idle, most = pool.pool_state()
+            except Exception as exc:  # noqa: BLE001 - a broken pool must not break the scrape
+                warn_once("pool metrics", "lookout.sdk: reading pool %s failed: %r", pool, exc)
+                continue
+            count.add_metric([pool.pool_name, "used"], used)
+            count.add_metric([pool.pool_name, "idle"], idle)
+            if most is not None:
+                limit.add_metric([pool.pool_name], most)
+        yield count
+        yield limit
 
 
 class Instruments:
@@ -136,6 +205,7 @@ class Instruments:
             "http_server_active_requests",
             "Number of active HTTP server requests.",
             ("http_request_method",),
+            multiprocess_mode="livesum",
         )
         self.client_duration = metrics.histogram(
             "http_client_request_duration_seconds",
@@ -147,12 +217,113 @@ class Instruments:
             "lookout_build_info",
             "Always 1; its labels name the running version and environment.",
             ("version", "environment"),
+            multiprocess_mode="max",
         )
+        self.db_duration = metrics.histogram(
+            "db_client_operation_duration_seconds",
+            "Duration of database statements.",
+            ("db_system_name", "db_operation_name", "error_type"),
+            buckets_for("db_client_operation_duration_seconds"),
+        )
+        self.db_pending = metrics.gauge(
+            "db_client_connection_pending_requests",
+            "Checkouts waiting for a connection from the pool.",
+            ("pool_name",),
+            multiprocess_mode="livesum",
+        )
+        self.db_wait = metrics.histogram(
+            "db_client_connection_wait_time_seconds",
+            "Time a checkout waited for a connection.",
+            ("pool_name",),
+            buckets_for("db_client_connection_wait_time_seconds"),
+        )
+        self.messages_sent = metrics.counter(
+            "messaging_client_sent_messages",
+            "Messages published.",
+            ("messaging_destination_name",),
+        )
+        self.messages_consumed = metrics.counter(
+            "messaging_client_consumed_messages",
+            "Messages taken from a queue for processing.",
+            ("messaging_destination_name",),
+        )
+        self.process_duration = metrics.histogram(
+            "messaging_process_duration_seconds",
+            "Duration of processing one message.",
+            ("messaging_destination_name", "error_type"),
+            buckets_for("messaging_process_duration_seconds"),
+        )
+        self.pools: PoolCollector = metrics.collector(
+            "pools", PoolCollector(), PoolCollector.FAMILIES
+        )
+        self.workers = WorkerProcessGauges() if multiprocess_dir() else None
         self.dropped = metrics.counter(
             "lookout_sdk_dropped",
             "Telemetry the SDK dropped instead of blocking or failing its host.",
             ("signal", "reason"),
         )
+
+
+def multiprocess_dir() -> str | None:
+    """PROMETHEUS_MULTIPROC_DIR when set: metrics then live in files shared by workers."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def exposition_registry(metrics: MetricRegistry, pools: PoolCollector) -> CollectorRegistry:
+    """What a scrape sees: this process's registry, or every worker's files aggregated."""
+    if multiprocess_dir() is None:
+        return metrics.registry
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(pools)
+    return registry
+
+
+class WorkerProcessGauges:
+    """With several workers, each one's CPU and memory, as series labelled by `pid`.
+
+    The process_* collector reports only the process that answers the scrape, so each
+    worker writes its own values to the shared files every few seconds.
+    """
+
+    def __init__(self) -> None:
+        # Not registered: in multiprocess mode values live in the files, and the names
+        # would clash with the process collector of the default registry.
+        self.cpu = Gauge(
+            "process_cpu_seconds_total",
+            "CPU time of each worker process.",
+            registry=None,
+            multiprocess_mode="liveall",
+        )
+        self.rss = Gauge(
+            "process_resident_memory_bytes",
+            "Resident memory of each worker process.",
+            registry=None,
+            multiprocess_mode="liveall",
+        )
+        self._stop = threading.Event()
+
+    def update(self) -> None:
+        for family in ProcessCollector(registry=None).collect():
+            for sample in family.samples:
+                if sample.name == "process_cpu_seconds_total":
+                    self.cpu.set(sample.value)
+                elif sample.name == "process_resident_memory_bytes":
+                    self.rss.set(sample.value)
+
+    def start(self, interval_s: float = 2.0) -> None:
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                self.update()
+
+        self.update()
+        threading.Thread(target=run, name="lookout-worker-metrics", daemon=True).start()
+        os.register_at_fork(after_in_child=lambda: self.start(interval_s))
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def start_listener(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:

@@ -21,6 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 X_TRACE_ID = "x-trace-id"
 PROPAGATION_HEADERS = ("traceparent", "tracestate", "baggage", X_TRACE_ID)
+_INBOUND_HEADERS = ("traceparent", "baggage", X_TRACE_ID)
 _TRACE_ID_RE = re.compile(r"[0-9a-f]{32}")
 _INTERNAL_SUFFIXES = (".internal", ".local", ".svc", ".cluster.local", ".localhost")
 
@@ -62,13 +63,15 @@ class Propagation:
                 chosen.append(TraceContextTextMapPropagator())
             if "baggage" in names:
                 chosen.append(W3CBaggagePropagator())
-        self._propagators = tuple(chosen)
+        self.propagators: tuple[TextMapPropagator, ...] = tuple(chosen)
         self.allow = AllowList(allow)
 
     def extract(self, headers: dict[str, str], *, trust: bool) -> Inbound:
         """Decide the parent of a server span from the request's headers."""
+        if not any(name in headers for name in _INBOUND_HEADERS):
+            return Inbound(parent=context.Context())  # the common case at the edge
         extracted = context.Context()
-        for propagator in self._propagators:
+        for propagator in self.propagators:
             extracted = propagator.extract(headers, context=extracted)
         remote = trace.get_current_span(extracted).get_span_context()
         raw_x = headers.get(X_TRACE_ID)
@@ -102,7 +105,7 @@ class Propagation:
         span_context = trace.get_current_span(ctx).get_span_context()
         if not span_context.is_valid:
             return False
-        for propagator in self._propagators:
+        for propagator in self.propagators:
             propagator.inject(headers, context=ctx)
         headers[X_TRACE_ID] = format_trace_id(span_context.trace_id)
         return True

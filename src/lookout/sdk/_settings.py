@@ -90,6 +90,18 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("OTEL_BSP_EXPORT_TIMEOUT", "10000", "ms one export may take"),
     Variable("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "128", "attributes kept per span"),
     Variable("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "2048", "characters kept per attribute value"),
+    Variable(
+        "SENTRY_DSN",
+        "",
+        "where error events go: Lookout's server (`http://KEY@host:8686/PROJECT`) or a "
+        "real Sentry; unset, error capture is off",
+    ),
+    Variable(
+        "SENTRY_TRACES_SAMPLE_RATE",
+        "",
+        "turns sentry-sdk's own performance tracing on at this rate (off by default: "
+        "OpenTelemetry traces already cover it)",
+    ),
     Variable("SENTRY_RELEASE", "", "version, when neither `version=` nor `service.version` is set"),
     Variable("SENTRY_ENVIRONMENT", "", "environment, when no other source names one"),
     Variable(
@@ -131,6 +143,17 @@ VARIABLES: tuple[Variable, ...] = (
         "LOOKOUT_TRUST_INBOUND_CONTEXT",
         "true",
         "`false` at the edge: always start a new trace, keep a client's id as a link",
+    ),
+    Variable(
+        "LOOKOUT_SCRUB",
+        "true",
+        "`false` turns scrubbing of logs, span attributes and error events off",
+    ),
+    Variable(
+        "LOOKOUT_SCRUB_KEY",
+        "lookout-insecure-default-key",
+        "HMAC key for hashing phone numbers; the server must use the same one. Set it in "
+        "production: with the default, a hash can be reversed by trying every number",
     ),
     Variable(
         "LOOKOUT_FRAMEWORK_SPANS",
@@ -328,6 +351,10 @@ class Settings:
     propagate_to: tuple[str, ...]
     trust_inbound_context: bool
     framework_spans: bool
+    scrub: bool
+    scrub_key: str
+    sentry_dsn: str | None
+    sentry_traces_sample_rate: float | None
 
 
 def parse_addr(text: str) -> tuple[str, int] | None:
@@ -543,4 +570,33 @@ def resolve(environ: Mapping[str, str] | None = None, **given: Any) -> Settings:
             "trust_inbound_context", "LOOKOUT_TRUST_INBOUND_CONTEXT", default=True
         ),
         framework_spans=flag("framework_spans", "LOOKOUT_FRAMEWORK_SPANS", default=False),
+        scrub=flag("scrub", "LOOKOUT_SCRUB", default=True),
+        scrub_key=_scrub_key(environ, identity.environment, debug_envs),
+        sentry_dsn=given.get("dsn") or _typed("SENTRY_DSN", environ, _dsn, "a DSN URL"),
+        sentry_traces_sample_rate=_typed(
+            "SENTRY_TRACES_SAMPLE_RATE", environ, _ratio, "a ratio from 0 to 1"
+        ),
     )
+
+
+DEFAULT_SCRUB_KEY = "lookout-insecure-default-key"
+
+
+def _scrub_key(environ: Mapping[str, str], environment: str, debug_envs: tuple[str, ...]) -> str:
+    key = env("LOOKOUT_SCRUB_KEY", environ)
+    if key is None:
+        if environment.lower() not in debug_envs:
+            warn_once(
+                "scrub-key",
+                "lookout.sdk: LOOKOUT_SCRUB_KEY is not set; phone-number hashes use the public "
+                "default key in environment %r. Set the same secret key here and on the server.",
+                environment,
+            )
+        return DEFAULT_SCRUB_KEY
+    return key
+
+
+def _dsn(text: str) -> str:
+    if not re.fullmatch(r"https?://[^@/\s]+@[^/\s]+(/\S*)?/\d+", text):
+        raise ValueError(text)
+    return text

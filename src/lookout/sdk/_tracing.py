@@ -11,7 +11,6 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -23,7 +22,14 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.util.types import Attributes
 
 from lookout import __version__
+from lookout.sdk._export import (
+    CountDrop,
+    CountingBatchSpanProcessor,
+    GuardedSpanProcessor,
+    ScrubbingExporter,
+)
 from lookout.sdk._guard import guard, warn_once
+from lookout.sdk._scrub import Scrubber
 from lookout.sdk._settings import Settings
 
 # A trace id chosen by the caller for the next root span (an inbound X-Trace-Id).
@@ -89,7 +95,9 @@ def build_resource(settings: Settings) -> Resource:
     return Resource(attributes)
 
 
-def build_exporter_processor(settings: Settings) -> SpanProcessor | None:
+def build_exporter_processor(
+    settings: Settings, scrubber: Scrubber, count_drop: CountDrop
+) -> SpanProcessor | None:
     """The batch processor feeding the OTLP/HTTP exporter, or None when export is off."""
     if settings.traces_exporter != "otlp":
         return None
@@ -112,8 +120,9 @@ def build_exporter_processor(settings: Settings) -> SpanProcessor | None:
             timeout=target.timeout_s,
             compression=compression,
         )
-        return BatchSpanProcessor(
-            exporter,
+        return CountingBatchSpanProcessor(
+            ScrubbingExporter(exporter, scrubber, count_drop),
+            count_drop,
             max_queue_size=settings.bsp_max_queue_size,
             schedule_delay_millis=settings.bsp_schedule_delay_ms,
             max_export_batch_size=min(
@@ -127,7 +136,10 @@ def build_exporter_processor(settings: Settings) -> SpanProcessor | None:
 
 
 def build_provider(
-    settings: Settings, extra_processors: Sequence[SpanProcessor] = ()
+    settings: Settings,
+    scrubber: Scrubber,
+    count_drop: CountDrop,
+    extra_processors: Sequence[SpanProcessor] = (),
 ) -> tuple[TracerProvider, bool]:
     """A TracerProvider configured only from Settings (it reads no variable itself),
     and whether it exports."""
@@ -148,11 +160,11 @@ def build_provider(
         span_limits=limits,
         shutdown_on_exit=False,
     )
-    exporting = build_exporter_processor(settings)
+    exporting = build_exporter_processor(settings, scrubber, count_drop)
     if exporting is not None:
-        provider.add_span_processor(exporting)
+        provider.add_span_processor(GuardedSpanProcessor(exporting))
     for processor in extra_processors:
-        provider.add_span_processor(processor)
+        provider.add_span_processor(GuardedSpanProcessor(processor))
     return provider, exporting is not None
 
 

@@ -12,6 +12,7 @@ InMemorySpanExporter are used with those libraries.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -23,11 +24,22 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from lookout import sdk
-from lookout.sdk import _guard
+from lookout.sdk import _errors, _guard
+from lookout.sdk._export import ScrubbingExporter
 from lookout.sdk._metrics import MetricRegistry
 from lookout.sdk._runtime import Runtime
 
-__all__ = ["CapturedSpans", "capture_logs", "capture_spans", "fresh_registry", "reset", "sample"]
+__all__ = [
+    "CapturedSpans",
+    "call_asgi",
+    "capture_errors",
+    "capture_logs",
+    "capture_spans",
+    "drive",
+    "fresh_registry",
+    "reset",
+    "sample",
+]
 
 
 def _runtime() -> Runtime:
@@ -78,16 +90,32 @@ class CapturedSpans:
 
 @contextmanager
 def capture_spans() -> Iterator[CapturedSpans]:
-    """Collect the spans this process finishes (sampled ones) while the block runs."""
+    """Collect the spans this process finishes (sampled ones) while the block runs, as
+    they would be exported: scrubbed."""
     runtime = _runtime()
     if runtime.provider is None:
         raise RuntimeError("tracing is disabled (OTEL_SDK_DISABLED); there are no spans")
     exporter = InMemorySpanExporter()
-    runtime.provider.add_span_processor(SimpleSpanProcessor(exporter))
+    scrubbed = ScrubbingExporter(exporter, runtime.scrubber, runtime.count_drop_spans)
+    runtime.provider.add_span_processor(SimpleSpanProcessor(scrubbed))
     try:
         yield CapturedSpans(exporter)
     finally:
         exporter.shutdown()
+
+
+@contextmanager
+def capture_errors() -> Iterator[list[dict[str, Any]]]:
+    """Collect error events as they would be sent (scrubbed, with trace ids) instead of
+    sending them. Needs `init(dsn=...)`; any DSN will do, nothing is sent."""
+    if not _errors.enabled():
+        raise RuntimeError("error capture is off: pass init(dsn=...) or set SENTRY_DSN")
+    captured: list[dict[str, Any]] = []
+    _errors.captured = captured
+    try:
+        yield captured
+    finally:
+        _errors.captured = None
 
 
 def fresh_registry() -> CollectorRegistry:
@@ -95,6 +123,52 @@ def fresh_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     sdk._metrics = MetricRegistry(registry)
     return registry
+
+
+async def call_asgi(
+    app: Any, path: str = "/", *, method: str = "GET", headers: Sequence[tuple[str, str]] = ()
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Call an ASGI app once in-process (no server, no socket): (status, headers, body)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path.split("?", 1)[0],
+        "raw_path": path.encode(),
+        "query_string": path.split("?", 1)[1].encode() if "?" in path else b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    sent: list[MutableMapping[str, Any]] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if received:
+            return {"type": "http.disconnect"}
+        received = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return int(start["status"]), list(start.get("headers", [])), body
+
+
+def drive(app: Any, requests: int, path: str = "/", **options: Any) -> list[int]:
+    """Call an ASGI app `requests` times in-process; the status of each call."""
+
+    async def run() -> list[int]:
+        return [(await call_asgi(app, path, **options))[0] for _ in range(requests)]
+
+    return asyncio.run(run())
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
