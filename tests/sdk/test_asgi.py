@@ -347,3 +347,46 @@ async def test_json_response_app_keeps_its_own_headers(instrument: Instrument) -
     assert response.headers.get_list("x-trace-id") == [
         format(target.spans()[0].context.trace_id, "032x")
     ]
+
+
+def _lifespan_messages() -> tuple[Any, Any, list[dict[str, Any]]]:
+    incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(incoming)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return receive, send, sent
+
+
+async def test_an_app_without_lifespan_support_is_answered_for_and_flushes(
+    instrument: Instrument,
+) -> None:
+    """uvicorn re-raises SIGTERM after shutdown, so lifespan shutdown is when spans leave."""
+
+    async def no_lifespan(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+
+    target = instrument(no_lifespan)
+    flushed: list[bool] = []
+    target.app.on_shutdown = lambda: flushed.append(True)
+    receive, send, sent = _lifespan_messages()
+    await target.app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+    assert flushed == [True]
+
+
+async def test_a_failing_startup_is_left_to_the_server(instrument: Instrument) -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "db down"})
+        raise RuntimeError("db down")
+
+    target = instrument(failing)
+    receive, send, sent = _lifespan_messages()
+    with pytest.raises(RuntimeError, match="db down"):
+        await target.app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert sent == [{"type": "lifespan.startup.failed", "message": "db down"}]

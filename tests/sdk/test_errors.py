@@ -129,10 +129,19 @@ def test_worker_loop_errors_are_captured_with_the_message_trace(
     assert event["contexts"]["trace"]["span_id"] == format(span.get_span_context().span_id, "016x")
 
 
-def test_handled_errors_can_be_sent_explicitly() -> None:
+def _init_with_capture(service: str) -> None:
+    """Error capture on, towards a port nobody listens on: capture_errors() intercepts."""
     lookout.sdk.init(
-        "jobs", dsn="http://k@127.0.0.1:9/1", metrics_addr="off", traces_exporter="none", environ={}
+        service,
+        dsn="http://k@127.0.0.1:9/1",
+        metrics_addr="off",
+        traces_exporter="none",
+        environ={},
     )
+
+
+def test_handled_errors_can_be_sent_explicitly() -> None:
+    _init_with_capture("jobs")
     with testing.capture_errors() as events:
         with lookout.sdk.tracer().start_as_current_span("nightly report") as span:
             try:
@@ -147,13 +156,7 @@ def test_handled_errors_can_be_sent_explicitly() -> None:
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_unhandled_exceptions_in_threads_are_captured() -> None:
-    lookout.sdk.init(
-        "fleet",
-        dsn="http://k@127.0.0.1:9/1",
-        metrics_addr="off",
-        traces_exporter="none",
-        environ={},
-    )
+    _init_with_capture("fleet")
 
     def poll_gps() -> None:
         with lookout.sdk.tracer().start_as_current_span("poll gps"):
@@ -169,32 +172,19 @@ def test_unhandled_exceptions_in_threads_are_captured() -> None:
 
 
 def test_unhandled_exceptions_in_asyncio_tasks_are_captured() -> None:
-    async def main() -> None:
-        lookout.sdk.init(
-            "fleet",
-            dsn="http://k@127.0.0.1:9/1",
-            metrics_addr="off",
-            traces_exporter="none",
-            environ={},
-        )
+    async def main() -> list[dict[str, Any]]:
+        _init_with_capture("fleet")  # inside the loop, as a worker's main() does
+        with testing.capture_errors() as events:
 
-        async def ping_bus() -> None:
-            raise LookupError("bus KCA 123A unknown")
+            async def ping_bus() -> None:
+                raise LookupError("bus KCA 123A unknown")
 
-        task = asyncio.create_task(ping_bus())
-        await asyncio.wait([task])
+            task = asyncio.create_task(ping_bus())
+            await asyncio.wait([task])
+        return events
 
-    with pytest.raises(RuntimeError, match="init"):
-        testing.capture_errors().__enter__()
-    captured: list[dict[str, Any]] = []
-    from lookout.sdk import _errors
-
-    _errors.captured = captured
-    try:
-        asyncio.run(main())
-    finally:
-        _errors.captured = None
-    assert [e["exception"]["values"][0]["type"] for e in captured] == ["LookupError"]
+    events = asyncio.run(main())
+    assert [e["exception"]["values"][0]["type"] for e in events] == ["LookupError"]
 
 
 def test_without_a_dsn_error_capture_is_off() -> None:

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +65,20 @@ def test_a_thousand_requests_under_each_fault_see_no_exception(case: str) -> Non
     assert report["shutdown_seconds"] < 10
 
 
-def test_drops_are_counted_by_reason() -> None:
+@contextmanager
+def stdout_nobody_reads() -> Iterator[int]:
+    """The write end of a pipe whose reader never reads: it fills after 64 KiB."""
     read_end, write_end = os.pipe()
     try:
-        report = run_fault("blackholed", 20_000, stdout=write_end)
+        yield write_end
     finally:
         os.close(write_end)
         os.close(read_end)
+
+
+def test_drops_are_counted_by_reason() -> None:
+    with stdout_nobody_reads() as stdout:
+        report = run_fault("blackholed", 20_000, stdout=stdout)
     assert report["dropped"].get("logs/queue_full", 0) > 0, report["dropped"]
     assert report["dropped"].get("traces/queue_full", 0) > 0, report["dropped"]
 
@@ -77,12 +86,8 @@ def test_drops_are_counted_by_reason() -> None:
 def test_memory_stays_bounded_with_every_backend_black_holed() -> None:
     """100,000 requests, OTLP and Sentry black-holed, stdout a pipe nobody reads:
     RSS grows by at most 50 MB after warm-up."""
-    read_end, write_end = os.pipe()
-    try:
-        report = run_fault("blackholed", 100_000, stdout=write_end)
-    finally:
-        os.close(write_end)
-        os.close(read_end)
+    with stdout_nobody_reads() as stdout:
+        report = run_fault("blackholed", 100_000, stdout=stdout)
     assert report["statuses"] == {"200": 100_000}
     growth_mb = (report["rss_end"] - report["rss_warm"]) / 2**20
     assert growth_mb <= 50, report

@@ -7,6 +7,7 @@ to `init()`, or else is the single value `unmatched`, so raw paths never become 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -29,6 +30,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 RouteResolver = Callable[[Scope], "str | None"]
 
+_NO_ROOT_ID = contextlib.nullcontext()  # reusable: most requests bring no X-Trace-Id alone
 KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
 )
@@ -109,21 +111,20 @@ class LookoutMiddleware:
         """
         tame_uvicorn()
         _errors.enable_asyncio()
-        state = {"started": False}
+        answered = False
 
         async def send_and_flush(message: Message) -> None:
-            kind = message["type"]
-            if kind == "lifespan.startup.complete":
-                state["started"] = True
-            elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            nonlocal answered
+            answered = True
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 self.on_shutdown()
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_flush)
         except Exception:
-            if state["started"]:
-                raise
+            if answered:
+                raise  # the app speaks lifespan and failed in it: that is the server's to see
             # The app does not speak lifespan: answer for it, and still flush at the end.
             await _minimal_lifespan(receive, send, self.on_shutdown)
 
@@ -138,24 +139,19 @@ class LookoutMiddleware:
         inbound = runtime.propagation.extract(headers, trust=self._trust)
         attributes = _server_attributes(scope, method, original_method, headers)
         attributes.update(inbound.attributes)
-        span_name = "HTTP" if method == "_OTHER" else method
-        if inbound.root_trace_id is None:
+        taking_id = (
+            _NO_ROOT_ID
+            if inbound.root_trace_id is None
+            else _tracing.root_trace_id(inbound.root_trace_id)
+        )
+        with taking_id:
             span = runtime.tracer.start_span(
-                span_name,
+                "HTTP" if method == "_OTHER" else method,
                 context=inbound.parent,
                 kind=SpanKind.SERVER,
                 attributes=attributes,
                 links=inbound.links,
             )
-        else:
-            with _tracing.root_trace_id(inbound.root_trace_id):
-                span = runtime.tracer.start_span(
-                    span_name,
-                    context=inbound.parent,
-                    kind=SpanKind.SERVER,
-                    attributes=attributes,
-                    links=inbound.links,
-                )
         token = context.attach(trace.set_span_in_context(span, inbound.parent))
         structlog.contextvars.clear_contextvars()
         span_context = span.get_span_context()

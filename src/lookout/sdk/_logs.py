@@ -53,9 +53,11 @@ def _orjson_dumps(event: EventDict, **_: Any) -> bytes:
     return orjson.dumps(ordered, default=repr, option=orjson.OPT_NON_STR_KEYS)
 
 
-def guarded(processor: Processor) -> Processor:
-    """A processor that cannot raise into the code that logged: on failure it reports
-    once a minute and passes the event on unchanged."""
+def guarded(processor: Processor, *, renderer: bool = False) -> Processor:
+    """A processor that cannot raise into the code that logged. On failure it reports once
+    a minute and passes the event on; a failing renderer still puts out a minimal line."""
+    if getattr(processor, "_lookout_guarded", False):
+        return processor
     name = getattr(processor, "__name__", type(processor).__name__)
 
     def run(logger: Any, method: str, event: EventDict) -> Any:
@@ -67,23 +69,8 @@ def guarded(processor: Processor) -> Processor:
             warn_once(
                 f"log processor {name}", "lookout.sdk: log processor %s failed: %r", name, exc
             )
-            return event
-
-    return run
-
-
-def guarded_renderer(renderer: Processor) -> Processor:
-    """The last processor, guarded: if it fails, a minimal line still goes out."""
-    if getattr(renderer, "_lookout_guarded", False):
-        return renderer
-
-    def run(logger: Any, method: str, event: EventDict) -> Any:
-        try:
-            return renderer(logger, method, event)
-        except structlog.DropEvent:
-            raise
-        except Exception as exc:  # noqa: BLE001 - logging must never raise into the host
-            warn_once("log renderer", "lookout.sdk: rendering a log line failed: %r", exc)
+            if not renderer:
+                return event
             fallback = {
                 "timestamp": str(event.get("timestamp", "")),
                 "level": str(event.get("level", method)),
@@ -129,7 +116,7 @@ class LogPipeline:
                 self._scrub,
             )
         ]
-        self.chain.append(guarded_renderer(structlog.processors.JSONRenderer(_orjson_dumps)))
+        self.chain.append(guarded(structlog.processors.JSONRenderer(_orjson_dumps), renderer=True))
         self._handler: StructlogHandler | None = None
 
     @property
@@ -139,7 +126,7 @@ class LogPipeline:
 
     @renderer.setter
     def renderer(self, processor: Processor) -> None:
-        self.chain[-1] = guarded_renderer(processor)
+        self.chain[-1] = guarded(processor, renderer=True)
 
     def _scrub(self, _: Any, __: str, event: EventDict) -> EventDict:
         """Secrets and personal data never reach the line (see _scrub.py for the rules)."""

@@ -259,10 +259,20 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _http_url(text: str) -> str:
-    if not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", text):
-        raise ValueError(text)
-    return text
+def _matching(pattern: str) -> Callable[[str], str]:
+    """A parser that accepts text matching `pattern` whole."""
+    compiled = re.compile(pattern)
+
+    def parse(text: str) -> str:
+        if not compiled.fullmatch(text):
+            raise ValueError(text)
+        return text
+
+    return parse
+
+
+_http_url = _matching(r"https?://[^/\s?#]+(/\S*)?")
+_dsn = _matching(r"https?://[^@/\s]+@[^/\s]+(/\S*)?/\d+")
 
 
 @dataclass(frozen=True)
@@ -594,9 +604,3 @@ def _scrub_key(environ: Mapping[str, str], environment: str, debug_envs: tuple[s
             )
         return DEFAULT_SCRUB_KEY
     return key
-
-
-def _dsn(text: str) -> str:
-    if not re.fullmatch(r"https?://[^@/\s]+@[^/\s]+(/\S*)?/\d+", text):
-        raise ValueError(text)
-    return text
