@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -103,8 +102,9 @@ def _decode_envelope(body: bytes, headers: dict[str, str]) -> list[tuple[str, An
     """(item type, JSON payload) of every item of a Sentry envelope."""
     from sentry_sdk.envelope import Envelope
 
-    if headers.get("content-encoding") == "gzip":
-        body = gzip.decompress(body)
+    from lookout.ingest.bodies import decompress
+
+    body = decompress(body, headers.get("content-encoding", ""))  # br once brotli is installed
     envelope = Envelope.deserialize(body)
     return [(item.type or "", item.payload.json) for item in envelope.items]
 

@@ -128,3 +128,25 @@ def test_every_doc_page_is_reachable_from_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     for page in sorted((ROOT / "docs").glob("*.md")):
         assert f"docs/{page.name}" in readme, page.name
+
+
+SERVER_DOC = (ROOT / "docs" / "server.md").read_text()
+
+
+def test_every_server_config_key_is_documented() -> None:
+    from lookout.config import KEYS
+
+    for key, (variable, _) in KEYS.items():
+        assert re.search(rf"^\| `{key}` \| `{variable}` \|", SERVER_DOC, re.MULTILINE), key
+
+
+def test_every_server_route_is_documented() -> None:
+    from lookout.config import ServerConfig
+    from lookout.server.app import main_app
+    from lookout.server.runtime import ServerRuntime
+
+    runtime = ServerRuntime.__new__(ServerRuntime)
+    runtime.config = ServerConfig()
+    for route in main_app(runtime).routes:
+        path = re.sub(r"\{(\w+)(:\w+)?\}", r"<\1>", route.path)  # type: ignore[attr-defined]
+        assert f"`{next(iter(route.methods - {'HEAD'}))} {path}`" in SERVER_DOC, path  # type: ignore[attr-defined]

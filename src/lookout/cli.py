@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lookout import __version__
 from lookout.errors import LookoutError
@@ -40,6 +41,38 @@ def _cmd_sdk_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_server(args: argparse.Namespace) -> int:
+    import json
+
+    from lookout import config as server_config
+    from lookout.errors import ConfigError, StoreError
+
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "otlp_port": args.otlp_port,
+        "data_dir": args.data_dir,
+    }
+    try:
+        config = server_config.load(args.config, flags=flags)
+    except ConfigError as exc:
+        print(f"lookout server: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print("config OK")
+        return 0
+    if args.print_config:
+        print(json.dumps(server_config.redacted(config), indent=2))
+        return 0
+    from lookout.server.run import run
+
+    try:
+        return run(config)
+    except StoreError as exc:
+        print(f"lookout server: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lookout", description="Lookout: observability for microservices.")
     parser.add_argument("--version", action="version", version=f"lookout {__version__}")
@@ -54,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sdk_env.add_argument("--format", choices=("names", "markdown"), default="markdown")
     sdk_env.set_defaults(func=_cmd_sdk_env)
+
+    server = commands.add_parser(
+        "server", help="run the server: OTLP and Sentry intake, the store and the read API"
+    )
+    server.add_argument("--config", type=Path, help="YAML config file")
+    server.add_argument("--data-dir", help="where the store keeps its files")
+    server.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", help="API and UI port (default 8686)")
+    server.add_argument("--otlp-port", help="OTLP-only port (default 4318; 0 turns it off)")
+    server.add_argument(
+        "--check-config", action="store_true", help="validate the config and exit (2 on error)"
+    )
+    server.add_argument(
+        "--print-config", action="store_true", help="print the effective config, secrets redacted"
+    )
+    server.set_defaults(func=_cmd_server)
     return parser
 
 

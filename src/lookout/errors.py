@@ -23,3 +23,28 @@ class ConfigError(LookoutError):
 
 class UsageError(LookoutError):
     """The command line was called with words it does not take."""
+
+
+class StoreError(LookoutError):
+    """The store cannot be opened, migrated or written."""
+
+
+class StoreBusyError(StoreError):
+    """The writer's queue is full; the client should retry later."""
+
+
+class IngestError(LookoutError):
+    """An ingest request is malformed; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, reason: str = "malformed") -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(message)
+
+
+class QueryError(LookoutError):
+    """A read request names a bad parameter."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)

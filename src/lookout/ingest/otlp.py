@@ -1,0 +1,269 @@
+"""OTLP/HTTP intake: protobuf or JSON requests for traces, logs and metrics, into the model.
+
+Invalid records, and records too far in the past or the future, are dropped one by one and
+counted; the rest of the request is kept and the answer is a partial success. Metrics follow
+the OpenTelemetry-to-Prometheus compatibility rules (metrics.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from lookout.errors import IngestError
+from lookout.ingest.limits import Limits
+from lookout.model import LogRecord, Span
+
+SIGNALS: dict[str, tuple[type[Message], type[Message]]] = {
+    "traces": (
+        trace_service_pb2.ExportTraceServiceRequest,
+        trace_service_pb2.ExportTraceServiceResponse,
+    ),
+    "logs": (logs_service_pb2.ExportLogsServiceRequest, logs_service_pb2.ExportLogsServiceResponse),
+    "metrics": (
+        metrics_service_pb2.ExportMetricsServiceRequest,
+        metrics_service_pb2.ExportMetricsServiceResponse,
+    ),
+}
+_HEX_ID_FIELDS = frozenset(
+    {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
+)
+_KINDS = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+_STATUS = {0: "unset", 1: "ok", 2: "error"}
+_SEVERITY_LEVELS = (
+    (21, "fatal"),
+    (17, "error"),
+    (13, "warning"),
+    (9, "info"),
+    (5, "debug"),
+    (1, "trace"),
+)
+
+
+@dataclass
+class Outcome:
+    """What a request yielded: records kept, and how many were rejected and why."""
+
+    records: list[Any] = field(default_factory=list)
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.rejected += count
+        self.reasons[reason] = self.reasons.get(reason, 0) + count
+
+    def message(self) -> str:
+        return "; ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items()))
+
+
+def is_json(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+def decode(signal: str, body: bytes, content_type: str) -> Message:
+    """Parse a request body, protobuf or JSON by content type."""
+    request_type = SIGNALS[signal][0]
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json":
+        try:
+            document = json.loads(body or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise IngestError(f"OTLP/JSON body is not valid JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise IngestError("OTLP/JSON body must be a JSON object.")
+        try:
+            return json_format.ParseDict(
+                _hex_ids_to_base64(document), request_type(), ignore_unknown_fields=True
+            )
+        except (json_format.ParseError, ValueError, TypeError) as exc:
+            raise IngestError(
+                f"OTLP/JSON body does not match {request_type.__name__}: {exc}"
+            ) from exc
+    if media in ("application/x-protobuf", "application/protobuf", ""):
+        message = request_type()
+        try:
+            message.ParseFromString(body)
+        except (DecodeError, ValueError) as exc:
+            raise IngestError(f"OTLP protobuf body does not parse: {exc}") from exc
+        return message
+    raise IngestError(
+        f"Content-Type {content_type!r} is not OTLP; send application/x-protobuf or "
+        "application/json.",
+        status=415,
+        reason="unsupported_media_type",
+    )
+
+
+def _hex_ids_to_base64(node: Any) -> Any:
+    """OTLP/JSON writes ids as hex; protobuf's JSON mapping wants base64 for bytes."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key in _HEX_ID_FIELDS and isinstance(value, str):
+                try:
+                    out[key] = base64.b64encode(bytes.fromhex(value)).decode()
+                except ValueError as exc:
+                    raise IngestError(f"OTLP/JSON field {key} is not hex: {value[:40]!r}") from exc
+            else:
+                out[key] = _hex_ids_to_base64(value)
+        return out
+    if isinstance(node, list):
+        return [_hex_ids_to_base64(item) for item in node]
+    return node
+
+
+def encode_response(signal: str, outcome: Outcome, as_json: bool) -> bytes:
+    """The answer, with partial success when anything was rejected."""
+    response = SIGNALS[signal][1]()
+    if outcome.rejected:
+        partial = response.partial_success
+        counter = {"traces": "rejected_spans", "logs": "rejected_log_records"}.get(
+            signal, "rejected_data_points"
+        )
+        setattr(partial, counter, outcome.rejected)
+        partial.error_message = outcome.message()
+    if as_json:
+        return bytes(json_format.MessageToJson(response, indent=None).encode())
+    return bytes(response.SerializeToString())
+
+
+def any_value(value: Any) -> Any:
+    """An OTLP AnyValue as a plain Python value."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode()
+    return getattr(value, kind)
+
+
+def attributes(pairs: Any) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in pairs}
+
+
+def _hex(raw: bytes, size: int) -> str | None:
+    """A valid id as lowercase hex: the right length and not all zero."""
+    if len(raw) != size or not any(raw):
+        return None
+    return raw.hex()
+
+
+def service_of(resource: dict[str, Any]) -> str:
+    return str(resource.get("service.name") or "unknown_service")
+
+
+def spans(request: Any, limits: Limits, now_ns: int) -> Outcome:
+    outcome = Outcome()
+    for resource_spans in request.resource_spans:
+        resource = attributes(resource_spans.resource.attributes)
+        service = service_of(resource)
+        for scope_spans in resource_spans.scope_spans:
+            scope = scope_spans.scope.name
+            for span in scope_spans.spans:
+                trace_id = _hex(span.trace_id, 16)
+                span_id = _hex(span.span_id, 8)
+                if trace_id is None or span_id is None:
+                    outcome.reject("invalid trace_id or span_id")
+                    continue
+                if not span.start_time_unix_nano:
+                    outcome.reject("missing start time")
+                    continue
+                reason = limits.time_problem(span.start_time_unix_nano, now_ns)
+                if reason:
+                    outcome.reject(reason)
+                    continue
+                end = max(span.end_time_unix_nano, span.start_time_unix_nano)
+                outcome.records.append(
+                    Span(
+                        trace_id=trace_id,
+                        span_id=span_id,
+                        parent_span_id=_hex(span.parent_span_id, 8) or "",
+                        service=service,
+                        name=span.name,
+                        kind=_KINDS.get(span.kind, "unspecified"),
+                        start_ns=span.start_time_unix_nano,
+                        end_ns=end,
+                        status_code=_STATUS.get(span.status.code, "unset"),
+                        status_message=span.status.message,
+                        attributes=limits.attributes(attributes(span.attributes)),
+                        events=[
+                            {
+                                "name": e.name,
+                                "time_ns": e.time_unix_nano,
+                                "attributes": limits.attributes(attributes(e.attributes)),
+                            }
+                            for e in span.events
+                        ],
+                        links=[
+                            {
+                                "trace_id": link.trace_id.hex(),
+                                "span_id": link.span_id.hex(),
+                                "attributes": attributes(link.attributes),
+                            }
+                            for link in span.links
+                        ],
+                        resource=resource,
+                        scope=scope,
+                    )
+                )
+    return outcome
+
+
+def _level(severity_number: int, severity_text: str) -> str:
+    if severity_text:
+        text = severity_text.strip().lower()
+        return {"warn": "warning", "err": "error", "critical": "fatal"}.get(text, text)
+    for floor, name in _SEVERITY_LEVELS:
+        if severity_number >= floor:
+            return name
+    return "unspecified"
+
+
+def logs(request: Any, limits: Limits, now_ns: int) -> Outcome:
+    outcome = Outcome()
+    for resource_logs in request.resource_logs:
+        resource = attributes(resource_logs.resource.attributes)
+        service = service_of(resource)
+        for scope_logs in resource_logs.scope_logs:
+            for record in scope_logs.log_records:
+                ts = record.time_unix_nano or record.observed_time_unix_nano
+                if not ts:
+                    outcome.reject("missing timestamp")
+                    continue
+                reason = limits.time_problem(ts, now_ns)
+                if reason:
+                    outcome.reject(reason)
+                    continue
+                body = any_value(record.body)
+                text = body if isinstance(body, str) else json.dumps(body, default=str)
+                outcome.records.append(
+                    LogRecord(
+                        ts_ns=ts,
+                        observed_ns=record.observed_time_unix_nano,
+                        service=service,
+                        level=_level(record.severity_number, record.severity_text),
+                        severity_number=record.severity_number,
+                        body=limits.line(text or ""),
+                        trace_id=_hex(record.trace_id, 16) or "",
+                        span_id=_hex(record.span_id, 8) or "",
+                        attributes=limits.attributes(attributes(record.attributes)),
+                        resource=resource,
+                    )
+                )
+    return outcome
+
+
+Converter = Callable[[Any, Limits, int], Outcome]

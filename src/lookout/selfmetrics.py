@@ -1,0 +1,68 @@
+"""The server's measurements of itself, on a registry of its own.
+
+They are written straight into the server's own store (see server/selfobserve.py), never
+sent through its ingest endpoints, so observing itself cannot feed back into more ingest.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.commit_batch_rows = Histogram(
+            "lookout_store_commit_batch_rows",
+            "Rows written by one commit of the store's writer.",
+            buckets=(1, 10, 50, 100, 500, 1000, 5000, 10000, 50000),
+            registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            "lookout_store_commit_duration_seconds",
+            "Time one commit of the store's writer took.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "lookout_store_writer_queue_depth",
+            "Requests waiting for the store's writer.",
+            registry=registry,
+        )
+        self.records = Counter(
+            "lookout_ingest_records",
+            "Records accepted, by signal.",
+            ["signal"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "lookout_ingest_rejected",
+            "Records or requests rejected, by signal and reason.",
+            ["signal", "reason"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "lookout_store_duplicates",
+            "Records dropped as resends of records already stored.",
+            ["signal"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "lookout_ingest_requests",
+            "Ingest requests answered, by endpoint and status code.",
+            ["endpoint", "code"],
+            registry=registry,
+        )
+        self.client_discarded = Counter(
+            "lookout_sdk_client_discarded",
+            "Events sentry-sdk clients report they dropped (client reports), by reason.",
+            ["reason", "category"],
+            registry=registry,
+        )
+        self.skipped_items = Counter(
+            "lookout_sentry_items_skipped",
+            "Envelope items of types the server does not store, by type.",
+            ["type"],
+            registry=registry,
+        )

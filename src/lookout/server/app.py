@@ -1,0 +1,102 @@
+"""The server's ASGI apps: the main port serves everything, the OTLP port only /v1/*."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from opentelemetry.trace import SpanKind
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from lookout.server import api, intake
+from lookout.server.errors import error_response
+from lookout.server.runtime import ServerRuntime
+from lookout.server.selfobserve import ingest_tracer_provider
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+async def healthz(_: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    runtime: ServerRuntime = request.app.state.runtime
+    if runtime.ready():
+        return JSONResponse({"status": "ready"})
+    return error_response(503, "not_ready", "The store's writer is not running.")
+
+
+def _traced(runtime: ServerRuntime, name: str, route: Endpoint) -> Endpoint:
+    """With trace_ingest on, a span per ingest request, written straight to the store."""
+    if not runtime.config.trace_ingest:
+        return route
+    tracer = ingest_tracer_provider(runtime).get_tracer("lookout.server")
+
+    async def traced(request: Request) -> Response:
+        with tracer.start_as_current_span(name, kind=SpanKind.SERVER) as span:
+            response = await route(request)
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
+
+    return traced
+
+
+def _otlp_routes(runtime: ServerRuntime) -> list[Route]:
+    return [
+        Route(
+            f"/v1/{signal}",
+            _traced(runtime, f"POST /v1/{signal}", intake.otlp_route(signal)),
+            methods=["POST"],
+        )
+        for signal in ("traces", "logs", "metrics")
+    ]
+
+
+async def _not_found(request: Request, _: Exception) -> Response:
+    return error_response(404, "not_found", f"No route {request.method} {request.url.path}.")
+
+
+async def _method_not_allowed(request: Request, _: Exception) -> Response:
+    return error_response(405, "method_not_allowed", f"{request.method} is not allowed here.")
+
+
+def _app(runtime: ServerRuntime, routes: list[Route]) -> Starlette:
+    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed})
+    app.state.runtime = runtime
+    return app
+
+
+def main_app(runtime: ServerRuntime) -> Starlette:
+    """Port 8686: health, OTLP, Sentry and the read API (one port behind a proxy)."""
+    sentry = [
+        Route(
+            "/api/{project_id:int}/envelope/",
+            _traced(runtime, "POST /api/{project_id}/envelope/", intake.sentry_envelope),
+            methods=["POST"],
+        ),
+        Route(
+            "/api/{project_id:int}/store/",
+            _traced(runtime, "POST /api/{project_id}/store/", intake.sentry_store),
+            methods=["POST"],
+        ),
+    ]
+    read = [
+        Route("/api/lookout/traces", api.search_traces),
+        Route("/api/lookout/traces/{trace_id}", api.get_trace),
+        Route("/api/lookout/logs", api.search_logs),
+        Route("/api/lookout/issues", api.list_issues),
+        Route("/api/lookout/issues/{issue_id}", api.issue_events),
+        Route("/api/lookout/events", api.list_events),
+        Route("/api/lookout/series", api.raw_series),
+        Route("/api/lookout/job-runs", api.list_job_runs),
+    ]
+    health = [Route("/healthz", healthz), Route("/readyz", readyz)]
+    return _app(runtime, [*health, *_otlp_routes(runtime), *sentry, *read])
+
+
+def otlp_app(runtime: ServerRuntime) -> Starlette:
+    """Port 4318: OTLP intake only, as collectors and SDKs expect."""
+    return _app(runtime, _otlp_routes(runtime))

@@ -1,0 +1,132 @@
+"""The ingest routes: OTLP/HTTP (`/v1/traces`, `/v1/logs`, `/v1/metrics`) and Sentry
+(`/api/<project_id>/envelope/`, `/api/<project_id>/store/`).
+
+A 2xx goes out only after the request's records are committed. A client's mistake gets a
+4xx naming the problem, never a 500; a full writer queue gets 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from lookout.errors import IngestError, StoreBusyError, StoreError
+from lookout.ingest import metrics as otlp_metrics
+from lookout.ingest import otlp, sentry
+from lookout.ingest.bodies import decompress
+from lookout.model import Batch
+from lookout.server.errors import error_response
+from lookout.server.runtime import ServerRuntime
+
+CONVERTERS: dict[str, Callable[..., otlp.Outcome]] = {
+    "traces": otlp.spans,
+    "logs": otlp.logs,
+    "metrics": otlp_metrics.samples,
+}
+
+
+def _runtime(request: Request) -> ServerRuntime:
+    runtime: ServerRuntime = request.app.state.runtime
+    return runtime
+
+
+async def _body(request: Request, runtime: ServerRuntime) -> bytes:
+    raw = await request.body()
+    return decompress(
+        raw, request.headers.get("content-encoding", ""), runtime.limits.max_body_bytes
+    )
+
+
+async def _guarded(
+    request: Request, endpoint: str, handle: Callable[[ServerRuntime], Awaitable[Response]]
+) -> Response:
+    runtime = _runtime(request)
+    try:
+        response = await handle(runtime)
+    except IngestError as exc:
+        runtime.metrics.rejected.labels(endpoint, exc.reason).inc()
+        response = error_response(exc.status, exc.reason, str(exc))
+    except StoreBusyError as exc:
+        runtime.metrics.rejected.labels(endpoint, "busy").inc()
+        response = error_response(503, "busy", str(exc), headers={"Retry-After": "1"})
+    except StoreError as exc:
+        response = error_response(503, "store_unavailable", str(exc), headers={"Retry-After": "5"})
+    runtime.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    return response
+
+
+def otlp_route(signal: str) -> Callable[[Request], Awaitable[Response]]:
+    async def handle_request(request: Request) -> Response:
+        async def handle(runtime: ServerRuntime) -> Response:
+            content_type = request.headers.get("content-type", "application/x-protobuf")
+            body = await _body(request, runtime)
+            message = otlp.decode(signal, body, content_type)
+            outcome = CONVERTERS[signal](message, runtime.limits, time.time_ns())
+            for reason, count in outcome.reasons.items():
+                runtime.metrics.rejected.labels(signal, reason).inc(count)
+            batch = Batch()
+            if signal == "traces":
+                batch.spans = outcome.records
+            elif signal == "logs":
+                batch.logs = outcome.records
+            else:
+                batch.samples = outcome.records
+            await runtime.store(batch)
+            as_json = otlp.is_json(content_type)
+            return Response(
+                otlp.encode_response(signal, outcome, as_json),
+                media_type="application/json" if as_json else "application/x-protobuf",
+            )
+
+        return await _guarded(request, f"otlp_{signal}", handle)
+
+    return handle_request
+
+
+def _authenticate(request: Request, runtime: ServerRuntime, project_id: int) -> None:
+    project = runtime.project(project_id)
+    if project is None:
+        raise IngestError(
+            f"Unknown Sentry project {project_id}.", status=404, reason="unknown_project"
+        )
+    key = sentry.sentry_key(request.headers, request.query_params)
+    if key is None:
+        raise IngestError(
+            "Missing Sentry credentials: send X-Sentry-Auth with sentry_key, or ?sentry_key=.",
+            status=401,
+            reason="unauthenticated",
+        )
+    if key not in project.keys:
+        raise IngestError(
+            f"The DSN key is not one of project {project_id}'s keys.",
+            status=403,
+            reason="forbidden",
+        )
+
+
+async def sentry_envelope(request: Request) -> Response:
+    return await _sentry(request, "envelope")
+
+
+async def sentry_store(request: Request) -> Response:
+    return await _sentry(request, "store")
+
+
+async def _sentry(request: Request, kind: str) -> Response:
+    async def handle(runtime: ServerRuntime) -> Response:
+        project_id = int(request.path_params["project_id"])
+        _authenticate(request, runtime, project_id)
+        body = await _body(request, runtime)
+        read = sentry.read_envelope if kind == "envelope" else sentry.read_store
+        intake = read(body, project_id)
+        for reason, category, quantity in intake.discarded:
+            runtime.metrics.client_discarded.labels(reason, category).inc(quantity)
+        for item_type in intake.skipped:
+            runtime.metrics.skipped_items.labels(item_type).inc()
+        await runtime.store(intake.batch)
+        return JSONResponse({"id": intake.event_id or None})
+
+    return await _guarded(request, f"sentry_{kind}", handle)

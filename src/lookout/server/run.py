@@ -1,0 +1,91 @@
+"""`lookout server`: one process, two ports, one store.
+
+Both uvicorn servers run on one event loop. The process, not uvicorn, owns SIGINT and
+SIGTERM, so one signal stops both servers, then the writer drains and the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+import lookout.sdk
+from lookout.config import ServerConfig
+from lookout.server.app import main_app, otlp_app
+from lookout.server.runtime import ServerRuntime
+from lookout.server.selfobserve import observe_forever
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to `serve()` below."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn(app: object, host: str, port: int) -> _Server:
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+    )
+    return _Server(config)
+
+
+async def serve(config: ServerConfig) -> int:
+    # The server's own logs: JSON lines on stdout, scrubbed with the configured key. Its
+    # metrics and spans never go through its own ingest (see selfobserve.py).
+    lookout.sdk.init(
+        "lookout",
+        metrics_addr="off",
+        traces_exporter="none",
+        access_log=False,
+        environ={**os.environ, "LOOKOUT_SCRUB_KEY": config.scrub_key},
+    )
+    log = lookout.sdk.get_logger("lookout.server")
+    runtime = ServerRuntime.open(config)
+    servers = [_uvicorn(main_app(runtime), config.host, config.port)]
+    if config.otlp_port:
+        servers.append(_uvicorn(otlp_app(runtime), config.host, config.otlp_port))
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    instance = f"{config.host}:{config.port}"
+    observer = asyncio.create_task(observe_forever(runtime, instance))
+    log.info(
+        "lookout_server_started",
+        url=f"http://{config.host}:{config.port}",
+        otlp_url=f"http://{config.host}:{config.otlp_port}" if config.otlp_port else None,
+        data_dir=str(config.data_dir),
+        schema_version=runtime.database.schema_version,
+    )
+    try:
+        await asyncio.gather(*(server.serve() for server in servers))
+    finally:
+        observer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await observer
+        runtime.close()
+        log.info("lookout_server_stopped")
+        lookout.sdk.shutdown(timeout_s=1.0)
+    started = all(server.started for server in servers)
+    return 0 if started else 1
+
+
+def run(config: ServerConfig) -> int:
+    return asyncio.run(serve(config))

@@ -1,0 +1,379 @@
+"""The one writer thread: requests queue up, each lands whole in a committed transaction,
+and only then is its future resolved (so the HTTP answer goes out after the commit).
+
+Requests that arrive together share one transaction (group commit); if that transaction
+fails, each is retried alone so one bad request cannot sink its neighbours.
+
+Resends create no duplicates: spans are keyed by trace_id + span_id, events by event_id,
+checked against the keys committed in the last DEDUP_WINDOW (kept in memory, rebuilt from
+the store at startup). Hot tables have no unique constraints, on purpose (schema.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from lookout.errors import StoreBusyError, StoreError
+from lookout.model import Batch, ErrorEvent, JobRun, LogRecord, Sample, Span
+from lookout.selfmetrics import ServerMetrics
+from lookout.store.db import Database
+from lookout.store.schema import day_of, day_table
+
+DEDUP_WINDOW_S = 3600
+QUEUE_REQUESTS = 1000
+GROUP_MAX_ROWS = 20_000
+
+
+def series_id(name: str, labels: dict[str, str]) -> int:
+    """A stable 64-bit id for a metric name plus its label set."""
+    text = json.dumps([name, sorted(labels.items())], separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def issue_id(project_id: int, fingerprint: str) -> str:
+    return hashlib.sha1(f"{project_id}:{fingerprint}".encode(), usedforsecurity=False).hexdigest()[
+        :16
+    ]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+class RecentKeys:
+    """Keys committed recently, bounded by age and count, for resend detection."""
+
+    def __init__(self, window_s: float = DEDUP_WINDOW_S, most: int = 2_000_000) -> None:
+        self.window_ns = int(window_s * 1e9)
+        self.most = most
+        self._order: collections.deque[tuple[int, str]] = collections.deque()
+        self._keys: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def add_all(self, keys: Iterable[str], now_ns: int) -> None:
+        for key in keys:
+            if key not in self._keys:
+                self._keys.add(key)
+                self._order.append((now_ns, key))
+        horizon = now_ns - self.window_ns
+        while self._order and (self._order[0][0] < horizon or len(self._order) > self.most):
+            self._keys.discard(self._order.popleft()[1])
+
+
+class Writer:
+    """Owns all writes to the store; `submit()` is safe from any thread."""
+
+    def __init__(self, database: Database, metrics: ServerMetrics) -> None:
+        self.database = database
+        self.metrics = metrics
+        self._queue: queue.Queue[tuple[Batch, Future[int]] | None] = queue.Queue(QUEUE_REQUESTS)
+        self._span_keys = RecentKeys()
+        self._event_keys = RecentKeys(window_s=7 * 86400)
+        self._series: set[int] = set()
+        self._issues: set[str] = set()
+        self._load_known()
+        self._thread = threading.Thread(target=self._run, name="lookout-writer", daemon=True)
+        self.running = False
+
+    def _load_known(self) -> None:
+        connection = self.database.connection
+        self._series = {
+            int(r[0]) for r in connection.execute("SELECT series_id FROM series").fetchall()
+        }
+        self._issues = {r[0] for r in connection.execute("SELECT issue_id FROM issues").fetchall()}
+        now = time.time_ns()
+        since = now - self._span_keys.window_ns
+        rows = connection.execute(
+            "SELECT trace_id || span_id FROM spans WHERE ingested_ns >= ?", [since]
+        ).fetchall()
+        self._span_keys.add_all((r[0] for r in rows), now)
+        rows = connection.execute(
+            "SELECT event_id FROM events WHERE ingested_ns >= ?", [now - self._event_keys.window_ns]
+        ).fetchall()
+        self._event_keys.add_all((r[0] for r in rows), now)
+
+    # -- the public face ---------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> Future[int]:
+        """Queue a request's records; the future resolves to the rows written, after commit."""
+        future: Future[int] = Future()
+        if not self.running:
+            future.set_exception(StoreError("The store's writer is not running."))
+            return future
+        try:
+            self._queue.put_nowait((batch, future))
+        except queue.Full as exc:
+            raise StoreBusyError("The store's writer queue is full; retry shortly.") from exc
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return future
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if not self.running:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        self.running = False
+
+    # -- the thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            rows = len(first[0])
+            while rows < GROUP_MAX_ROWS:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._commit(group)
+                    return
+                group.append(item)
+                rows += len(item[0])
+            self.metrics.queue_depth.set(self._queue.qsize())
+            self._commit(group)
+
+    def _commit(self, group: Sequence[tuple[Batch, Future[int]]]) -> None:
+        try:
+            written = self._transaction([batch for batch, _ in group])
+        except Exception as exc:  # noqa: BLE001 - retried one by one below, then reported
+            if len(group) == 1:
+                group[0][1].set_exception(StoreError(f"Store write failed: {exc}"))
+                return
+            for item in group:
+                self._commit([item])
+            return
+        for (_, future), rows in zip(group, written, strict=True):
+            future.set_result(rows)
+
+    def _transaction(self, batches: Sequence[Batch]) -> list[int]:
+        database = self.database
+        connection = database.connection
+        began = time.perf_counter()
+        now = time.time_ns()
+        new_partitions: dict[str, set[str]] = collections.defaultdict(set)
+        staged_span_keys: list[str] = []
+        staged_event_keys: list[str] = []
+        new_series: set[int] = set()
+        new_issues: set[str] = set()
+        with database.lock:
+            connection.execute("BEGIN TRANSACTION")
+            try:
+                written = []
+                for batch in batches:
+                    count = 0
+                    count += self._write_spans(batch.spans, now, new_partitions, staged_span_keys)
+                    count += self._write_logs(batch.logs, now, new_partitions)
+                    count += self._write_samples(batch.samples, now, new_partitions, new_series)
+                    count += self._write_events(
+                        batch.events, now, new_partitions, staged_event_keys, new_issues
+                    )
+                    count += self._write_job_runs(batch.job_runs, now, new_partitions)
+                    written.append(count)
+                if new_partitions:
+                    database.refresh_views(set(new_partitions))
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                for signal, days in new_partitions.items():
+                    database.forget_partitions(signal, days)
+                self._series -= new_series
+                self._issues -= new_issues
+                if new_partitions:
+                    database.refresh_views(set(new_partitions))
+                raise
+        self._span_keys.add_all(staged_span_keys, now)
+        self._event_keys.add_all(staged_event_keys, now)
+        total = sum(written)
+        self.metrics.commit_batch_rows.observe(total)
+        self.metrics.commit_seconds.observe(time.perf_counter() - began)
+        return written
+
+    def _insert(
+        self,
+        signal: str,
+        rows: list[tuple[Any, ...]],
+        days: list[str],
+        new_partitions: dict[str, set[str]],
+    ) -> None:
+        by_day: dict[str, list[tuple[Any, ...]]] = collections.defaultdict(list)
+        for day, row in zip(days, rows, strict=True):
+            by_day[day].append(row)
+        connection = self.database.connection
+        for day, day_rows in by_day.items():
+            if self.database.ensure_partition(signal, day):
+                new_partitions[signal].add(day)
+            marks = ",".join("?" * len(day_rows[0]))
+            table = day_table(signal, day)  # from our signal names and a date: not input
+            connection.executemany(f"INSERT INTO {table} VALUES ({marks})", day_rows)
+        self.metrics.records.labels(signal).inc(len(rows))
+
+    def _write_spans(
+        self, spans: list[Span], now: int, parts: dict[str, set[str]], staged: list[str]
+    ) -> int:
+        rows, days = [], []
+        seen = set(staged)
+        for s in spans:
+            key = s.trace_id + s.span_id
+            if key in self._span_keys or key in seen:
+                self.metrics.duplicates.labels("spans").inc()
+                continue
+            seen.add(key)
+            staged.append(key)
+            rows.append(
+                (
+                    s.trace_id,
+                    s.span_id,
+                    s.parent_span_id,
+                    s.service,
+                    s.name,
+                    s.kind,
+                    s.start_ns,
+                    s.end_ns,
+                    max(0, s.end_ns - s.start_ns),
+                    s.status_code,
+                    s.status_message,
+                    _json(s.attributes),
+                    _json(s.events),
+                    _json(s.links),
+                    _json(s.resource),
+                    s.scope,
+                    s.source,
+                    now,
+                )
+            )
+            days.append(day_of("spans", s.start_ns))
+        if rows:
+            self._insert("spans", rows, days, parts)
+        return len(rows)
+
+    def _write_logs(self, logs: list[LogRecord], now: int, parts: dict[str, set[str]]) -> int:
+        rows = [
+            (
+                r.ts_ns,
+                r.observed_ns or now,
+                r.service,
+                r.level,
+                r.severity_number,
+                r.body,
+                r.trace_id,
+                r.span_id,
+                _json(r.attributes),
+                _json(r.resource),
+                r.source,
+                now,
+            )
+            for r in logs
+        ]
+        if rows:
+            self._insert("logs", rows, [day_of("logs", r.ts_ns) for r in logs], parts)
+        return len(rows)
+
+    def _write_samples(
+        self, samples: list[Sample], now: int, parts: dict[str, set[str]], new_series: set[int]
+    ) -> int:
+        if not samples:
+            return 0
+        connection = self.database.connection
+        rows, days = [], []
+        for s in samples:
+            sid = series_id(s.name, s.labels)
+            if sid not in self._series:
+                labels = {"__name__": s.name, **s.labels}
+                connection.execute(
+                    "INSERT INTO series VALUES (?, ?, ?, ?)", [sid, s.name, _json(labels), now]
+                )
+                self._series.add(sid)
+                new_series.add(sid)
+            rows.append(
+                (sid, s.ts_ms, s.value, None if s.exemplar is None else _json(s.exemplar), now)
+            )
+            days.append(day_of("samples", s.ts_ms))
+        self._insert("samples", rows, days, parts)
+        return len(rows)
+
+    def _write_events(
+        self,
+        events: list[ErrorEvent],
+        now: int,
+        parts: dict[str, set[str]],
+        staged: list[str],
+        new_issues: set[str],
+    ) -> int:
+        connection = self.database.connection
+        rows, days = [], []
+        seen = set(staged)
+        for e in events:
+            if e.event_id in self._event_keys or e.event_id in seen:
+                self.metrics.duplicates.labels("events").inc()
+                continue
+            seen.add(e.event_id)
+            staged.append(e.event_id)
+            issue = issue_id(e.project_id, e.fingerprint)
+            if issue not in self._issues:
+                connection.execute(
+                    "INSERT INTO issues VALUES (?, ?, ?, ?, ?, ?)",
+                    [issue, e.project_id, e.fingerprint, e.title, e.exception_type, e.ts_ns],
+                )
+                self._issues.add(issue)
+                new_issues.add(issue)
+            rows.append(
+                (
+                    e.event_id,
+                    e.project_id,
+                    issue,
+                    e.ts_ns,
+                    e.fingerprint,
+                    e.title,
+                    e.exception_type,
+                    e.message,
+                    e.level,
+                    e.service,
+                    e.environment,
+                    e.release,
+                    e.trace_id,
+                    e.span_id,
+                    _json(e.user),
+                    _json(e.tags),
+                    _json(e.payload),
+                    now,
+                )
+            )
+            days.append(day_of("events", e.ts_ns))
+        if rows:
+            self._insert("events", rows, days, parts)
+        return len(rows)
+
+    def _write_job_runs(self, runs: list[JobRun], now: int, parts: dict[str, set[str]]) -> int:
+        rows = [
+            (
+                r.check_in_id,
+                r.monitor,
+                r.status,
+                r.ts_ns,
+                r.duration_s,
+                r.environment,
+                r.project_id,
+                r.trace_id,
+                now,
+            )
+            for r in runs
+        ]
+        if rows:
+            self._insert("job_runs", rows, [day_of("job_runs", r.ts_ns) for r in runs], parts)
+        return len(rows)
