@@ -9,6 +9,7 @@ from pathlib import Path
 import duckdb
 import httpx
 
+from lookout.store import SCHEMA_VERSION
 from tests.server.conftest import RunningServer, start_server
 from tests.support import wait_until
 
@@ -116,5 +117,5 @@ def test_a_store_from_a_newer_version_stops_startup_with_both_versions(tmp_path:
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 1
-    assert "schema version 42, newer than this lookout's 1" in result.stderr
+    assert f"schema version 42, newer than this lookout's {SCHEMA_VERSION}" in result.stderr
     assert "Traceback" not in result.stderr

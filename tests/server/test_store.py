@@ -34,12 +34,13 @@ def open_store(path: Path) -> tuple[Database, Writer]:
 
 def test_a_new_store_is_migrated_and_checkpointed(tmp_path: Path) -> None:
     database, writer = open_store(tmp_path)
-    rows = database.connection.execute("SELECT version FROM schema_version").fetchall()
-    assert rows == [(SCHEMA_VERSION,)]
+    rows = database.connection.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
+    assert rows == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
     writer.stop()
     database.close()
     database, writer = open_store(tmp_path)  # reopening runs no migration twice
-    assert database.connection.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+    count = database.connection.execute("SELECT count(*) FROM schema_version").fetchone()
+    assert count == (SCHEMA_VERSION,)
     writer.stop()
     database.close()
 
@@ -126,5 +127,70 @@ def test_one_bad_request_does_not_sink_its_neighbours(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         futures[0].result(10)
     assert futures[1].result(10) == 1
+    writer.stop()
+    database.close()
+
+
+def _day(ns: int) -> str:
+    from lookout.store.schema import day_of
+
+    return day_of("spans", ns)
+
+
+def test_closed_days_move_to_parquet_and_stay_readable(tmp_path: Path) -> None:
+    database, writer = open_store(tmp_path)
+    now = time.time_ns()
+    old = now - 3 * DAY_NS
+    writer.submit(Batch(spans=[_span("a", "1", old), _span("b", "2", now)])).result(10)
+    moved = writer.close_days_before(_day(now - DAY_NS)).result(10)
+    assert moved == 1
+    tables = {
+        r[0] for r in database.connection.execute("SELECT table_name FROM partitions").fetchall()
+    }
+    assert tables == {f"spans_d{_day(now)}"}
+    (path,) = [
+        r[0] for r in database.connection.execute("SELECT path FROM partition_files").fetchall()
+    ]
+    assert Path(path).exists()
+    assert path.endswith(".parquet")
+    assert database.connection.execute("SELECT count(*) FROM spans").fetchone() == (2,)
+    # A late record for the closed day lands in a new table beside the file.
+    writer.submit(Batch(spans=[_span("c", "3", old)])).result(10)
+    assert database.connection.execute(
+        "SELECT count(*) FROM spans WHERE start_ns = ?", [old]
+    ).fetchone() == (2,)
+    writer.stop()
+    database.close()
+
+
+def test_an_unlisted_parquet_file_from_a_crashed_compaction_is_removed(tmp_path: Path) -> None:
+    database, writer = open_store(tmp_path)
+    writer.stop()
+    database.close()
+    stray = tmp_path / "spans" / "20200101-1.parquet"
+    stray.parent.mkdir()
+    stray.write_bytes(b"PAR1 half written")
+    database, writer = open_store(tmp_path)
+    assert not stray.exists()
+    assert database.connection.execute("SELECT count(*) FROM spans").fetchone() == (0,)
+    writer.stop()
+    database.close()
+
+
+def test_an_older_store_is_migrated_forward_at_startup(tmp_path: Path) -> None:
+    import duckdb
+
+    from lookout.store.schema import MIGRATIONS
+
+    with duckdb.connect(str(tmp_path / "lookout.duckdb")) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER, applied_ns BIGINT)")
+        MIGRATIONS[1](connection)
+        connection.execute("INSERT INTO schema_version VALUES (1, 0)")
+    database, writer = open_store(tmp_path)
+    versions = database.connection.execute(
+        "SELECT version FROM schema_version ORDER BY 1"
+    ).fetchall()
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+    assert database.connection.execute("SELECT count(*) FROM partition_files").fetchone() == (0,)
     writer.stop()
     database.close()

@@ -18,7 +18,7 @@ import lookout.sdk
 from lookout.config import ServerConfig
 from lookout.server.app import main_app, otlp_app
 from lookout.server.runtime import ServerRuntime
-from lookout.server.selfobserve import observe_forever
+from lookout.server.selfobserve import compact_forever, observe_forever
 
 
 class _Server(uvicorn.Server):
@@ -67,6 +67,7 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(signum, stop)
     instance = f"{config.host}:{config.port}"
     observer = asyncio.create_task(observe_forever(runtime, instance))
+    compactor = asyncio.create_task(compact_forever(runtime))
     log.info(
         "lookout_server_started",
         url=f"http://{config.host}:{config.port}",
@@ -77,9 +78,10 @@ async def serve(config: ServerConfig) -> int:
     try:
         await asyncio.gather(*(server.serve() for server in servers))
     finally:
-        observer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await observer
+        for task in (observer, compactor):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         runtime.close()
         log.info("lookout_server_stopped")
         lookout.sdk.shutdown(timeout_s=1.0)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -85,3 +86,19 @@ def ingest_tracer_provider(runtime: ServerRuntime) -> TracerProvider:
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(SimpleSpanProcessor(StoreSpanExporter(runtime)))
     return provider
+
+
+COMPACT_EVERY_S = 3600.0
+
+
+def yesterday(now_s: float) -> str:
+    """The UTC day before `now_s`, as a partition suffix: days before it are closed."""
+    return datetime.fromtimestamp(now_s - 86400, UTC).strftime("%Y%m%d")
+
+
+async def compact_forever(runtime: ServerRuntime) -> None:
+    """Move closed days to Parquet at startup and then every hour, on the writer thread."""
+    while True:
+        with contextlib.suppress(StoreError, OSError):
+            await asyncio.wrap_future(runtime.writer.close_days_before(yesterday(time.time())))
+        await asyncio.sleep(COMPACT_EVERY_S)

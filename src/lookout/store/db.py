@@ -37,6 +37,8 @@ class Database:
             raise StoreError(f"Cannot open the store {self.path}: {exc}") from exc
         self.lock = threading.RLock()
         self.partitions: dict[str, set[str]] = {signal: set() for signal in DAY_TABLES}
+        # Closed days, moved out of the database into Parquet files: signal -> day -> paths.
+        self.files: dict[str, dict[str, list[str]]] = {signal: {} for signal in DAY_TABLES}
         self._check_extensions()
         self.schema_version = self._migrate()
         self._load_partitions()
@@ -84,6 +86,15 @@ class Database:
     def _load_partitions(self) -> None:
         for signal, day in self.connection.execute("SELECT signal, day FROM partitions").fetchall():
             self.partitions[signal].add(day)
+        listed = set()
+        rows = self.connection.execute("SELECT signal, day, path FROM partition_files").fetchall()
+        for signal, day, path in rows:
+            self.files[signal].setdefault(day, []).append(path)
+            listed.add(path)
+        # A file written by a compaction whose transaction never committed is an orphan.
+        for orphan in self.data_dir.glob("*/*.parquet*"):
+            if str(orphan) not in listed:
+                orphan.unlink(missing_ok=True)
 
     def ensure_partition(self, signal: str, day: str) -> bool:
         """Create the day table inside the caller's transaction; True when it is new."""
@@ -102,10 +113,13 @@ class Database:
     def _refresh_views(self, signals: set[str]) -> None:
         for signal in signals:
             days = sorted(self.partitions[signal])
-            if days:
-                body = " UNION ALL BY NAME ".join(
-                    f"SELECT * FROM {day_table(signal, day)}" for day in days
-                )
+            parts = [f"SELECT * FROM {day_table(signal, day)}" for day in days]
+            paths = sorted(p for day_paths in self.files[signal].values() for p in day_paths)
+            if paths:
+                listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+                parts.append(f"SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+            if parts:
+                body = " UNION ALL BY NAME ".join(parts)
             else:
                 columns = DAY_TABLES[signal]
                 self.connection.execute(f"CREATE TABLE IF NOT EXISTS {signal}_empty ({columns})")
@@ -114,6 +128,56 @@ class Database:
 
     def refresh_views(self, signals: set[str]) -> None:
         self._refresh_views(signals)
+
+    def close_day(self, signal: str, day: str) -> int:
+        """Move a closed day's table into a Parquet file; the rows it moved.
+
+        The file is written and renamed into place first, then one transaction lists it,
+        drops the table and swaps the view. A crash in between leaves an unlisted file,
+        which the next startup deletes; the table is still there, so nothing is lost.
+        """
+        table = day_table(signal, day)
+        folder = self.data_dir / signal
+        folder.mkdir(exist_ok=True)
+        final = folder / f"{day}-{time.time_ns()}.parquet"
+        partial = final.with_suffix(".parquet.partial")
+        connection = self.connection
+        with self.lock:
+            rows = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
+            count = int(rows[0]) if rows else 0
+            target = str(partial).replace("'", "''")
+            connection.execute(f"COPY {table} TO '{target}' (FORMAT parquet)")
+            partial.rename(final)
+            connection.execute("BEGIN TRANSACTION")
+            try:
+                connection.execute(
+                    "INSERT INTO partition_files VALUES (?, ?, ?, ?, ?)",
+                    [signal, day, str(final), count, time.time_ns()],
+                )
+                connection.execute(
+                    "DELETE FROM partitions WHERE signal = ? AND day = ?", [signal, day]
+                )
+                connection.execute(f"DROP TABLE {table}")
+                self.partitions[signal].discard(day)
+                self.files[signal].setdefault(day, []).append(str(final))
+                self._refresh_views({signal})
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                self.partitions[signal].add(day)
+                self.files[signal][day].remove(str(final))
+                final.unlink(missing_ok=True)
+                raise
+        return count
+
+    def closed_days(self, before_day: str) -> list[tuple[str, str]]:
+        """(signal, day) of every table partition older than `before_day`."""
+        return sorted(
+            (signal, day)
+            for signal, days in self.partitions.items()
+            for day in days
+            if day < before_day
+        )
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor of its own for a reader thread."""

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The columns of each partitioned signal, in table order.
 DAY_TABLES: dict[str, str] = {
@@ -75,5 +75,13 @@ def _v1(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute("CREATE TABLE partitions (signal VARCHAR, day VARCHAR, table_name VARCHAR)")
 
 
-MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1}
+def _v2(connection: duckdb.DuckDBPyConnection) -> None:
+    """Closed days move to Parquet files; this table lists them."""
+    connection.execute(
+        """CREATE TABLE partition_files (signal VARCHAR, day VARCHAR, path VARCHAR,
+        rows BIGINT, created_ns BIGINT)"""
+    )
+
+
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1, 2: _v2}
 assert max(MIGRATIONS) == SCHEMA_VERSION

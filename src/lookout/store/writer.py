@@ -17,7 +17,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,6 +27,7 @@ from lookout.selfmetrics import ServerMetrics
 from lookout.store.db import Database
 from lookout.store.schema import day_of, day_table
 
+Job = Callable[[], int]
 DEDUP_WINDOW_S = 3600
 QUEUE_REQUESTS = 1000
 GROUP_MAX_ROWS = 20_000
@@ -76,7 +77,9 @@ class Writer:
     def __init__(self, database: Database, metrics: ServerMetrics) -> None:
         self.database = database
         self.metrics = metrics
-        self._queue: queue.Queue[tuple[Batch, Future[int]] | None] = queue.Queue(QUEUE_REQUESTS)
+        self._queue: queue.Queue[tuple[Batch | Job, Future[int]] | None] = queue.Queue(
+            QUEUE_REQUESTS
+        )
         self._span_keys = RecentKeys()
         self._event_keys = RecentKeys(window_s=7 * 86400)
         self._series: set[int] = set()
@@ -120,6 +123,26 @@ class Writer:
         self.metrics.queue_depth.set(self._queue.qsize())
         return future
 
+    def run_job(self, job: Job) -> Future[int]:
+        """Run `job` on the writer thread, between transactions (maintenance: compaction)."""
+        future: Future[int] = Future()
+        if not self.running:
+            future.set_exception(StoreError("The store's writer is not running."))
+            return future
+        self._queue.put((job, future))
+        return future
+
+    def close_days_before(self, day: str) -> Future[int]:
+        """Move every day older than `day` (YYYYMMDD) to Parquet; resolves to the rows moved."""
+
+        def close() -> int:
+            return sum(
+                self.database.close_day(signal, closed)
+                for signal, closed in self.database.closed_days(day)
+            )
+
+        return self.run_job(close)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         if not self.running:
             return
@@ -133,8 +156,12 @@ class Writer:
             first = self._queue.get()
             if first is None:
                 return
-            group = [first]
-            rows = len(first[0])
+            payload, done = first
+            if not isinstance(payload, Batch):
+                self._run_job(payload, done)
+                continue
+            group: list[tuple[Batch, Future[int]]] = [(payload, done)]
+            rows = len(payload)
             while rows < GROUP_MAX_ROWS:
                 try:
                     item = self._queue.get_nowait()
@@ -143,10 +170,23 @@ class Writer:
                 if item is None:
                     self._commit(group)
                     return
-                group.append(item)
+                if not isinstance(item[0], Batch):
+                    self._commit(group)
+                    self._run_job(item[0], item[1])
+                    group = []
+                    break
+                group.append((item[0], item[1]))
                 rows += len(item[0])
             self.metrics.queue_depth.set(self._queue.qsize())
-            self._commit(group)
+            if group:
+                self._commit(group)
+
+    @staticmethod
+    def _run_job(job: Job, future: Future[int]) -> None:
+        try:
+            future.set_result(job())
+        except Exception as exc:  # noqa: BLE001 - a failed job is reported to its caller
+            future.set_exception(exc)
 
     def _commit(self, group: Sequence[tuple[Batch, Future[int]]]) -> None:
         try:
