@@ -1,10 +1,10 @@
-"""The interim demo: two instances of the quick-start service, one calling the other,
-with a little traffic. Run it with `python3 dev.py demo` (Ctrl-C stops it).
+"""The interim demo: `lookout server`, and two instances of the quick-start service (one
+calling the other) sending it traces and errors, with a little traffic. Run it with
+`python3 dev.py demo` (Ctrl-C stops it).
 
-Each request prints its X-Trace-Id; the services' JSON log lines for it carry the same
-trace_id in both processes, and each process serves Prometheus metrics on the URL its
-`lookout_sdk_started` line reports. The full demo (lookout server plus busline) replaces
-this once those exist.
+Each request prints its X-Trace-Id and the read-API link of its trace; the services' JSON
+log lines carry the same trace_id in both processes. The store lives in `.lookout-demo/`.
+The full demo (busline's services, load and faults) replaces this once busline exists.
 """
 
 from __future__ import annotations
@@ -24,17 +24,23 @@ HERE = Path(__file__).resolve().parent
 ROUTES = ("nairobi-mombasa", "nairobi-kisumu", "nairobi-nakuru", "nairobi-eldoret")
 
 
-def free_port() -> int:
+def free_port(preferred: int = 0) -> int:
+    """`preferred` when it is free, else any free port."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def start(service: str, port: int, seats_url: str | None) -> subprocess.Popen[bytes]:
+def start(service: str, port: int, seats_url: str | None, server: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "OTEL_SERVICE_NAME": service,
-        "OTEL_TRACES_EXPORTER": "none",  # no trace backend yet: spans stay in-process
+        "OTEL_EXPORTER_OTLP_ENDPOINT": server,
+        "OTEL_BSP_SCHEDULE_DELAY": "500",
+        "SENTRY_DSN": server.replace("http://", "http://lookout@") + "/1",
         "LOOKOUT_ENVIRONMENT": "dev",
         "PYTHONUNBUFFERED": "1",
     }
@@ -44,15 +50,22 @@ def start(service: str, port: int, seats_url: str | None) -> subprocess.Popen[by
     return subprocess.Popen(cmd, cwd=HERE, env=env)
 
 
-def wait_ready(url: str, deadline_s: float = 20.0) -> None:
+def wait_ready(url: str, method: str = "POST", deadline_s: float = 30.0) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         try:
-            httpx.post(url, timeout=1.0)
+            httpx.request(method, url, timeout=1.0)
             return
         except httpx.TransportError:
             time.sleep(0.1)
     raise SystemExit(f"demo: {url} did not answer within {deadline_s:.0f}s")
+
+
+def start_server(port: int) -> subprocess.Popen[bytes]:
+    data = HERE.parent.parent / ".lookout-demo"
+    cmd = [sys.executable, "-m", "lookout", "server", "--data-dir", str(data),
+           "--port", str(port), "--otlp-port", "0"]  # fmt: skip
+    return subprocess.Popen(cmd, env={**os.environ, "LOOKOUT_SCRUB_KEY": "demo"})
 
 
 def main() -> int:
@@ -60,29 +73,33 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second")
     args = parser.parse_args()
-    seats_port, booking_port = free_port(), free_port()
+    server_port, seats_port, booking_port = free_port(8686), free_port(), free_port()
+    server = f"http://127.0.0.1:{server_port}"
     seats_url = f"http://127.0.0.1:{seats_port}"
-    procs = [start("seats", seats_port, None)]
-    procs.append(start("booking", booking_port, seats_url))
+    procs = [start_server(server_port)]
+    procs.append(start("seats", seats_port, None, server))
+    procs.append(start("booking", booking_port, seats_url, server))
     booking = f"http://127.0.0.1:{booking_port}"
     try:
+        wait_ready(f"{server}/readyz", "GET")
         wait_ready(f"{seats_url}/book/warmup")
         wait_ready(f"{booking}/book/warmup")
-        print(f"demo: booking on {booking} calls seats on {seats_url}; Ctrl-C stops", flush=True)
+        print(f"demo: lookout server on {server}; booking on {booking} calls seats on "
+              f"{seats_url}; Ctrl-C stops", flush=True)  # fmt: skip
         end = time.monotonic() + args.duration if args.duration else float("inf")
         while time.monotonic() < end:
             route = random.choice(ROUTES)
             response = httpx.post(f"{booking}/book/{route}", timeout=5.0)
-            print(f"demo: POST /book/{route} -> {response.status_code} "
-                  f"X-Trace-Id {response.headers.get('x-trace-id')}", flush=True)
+            trace_id = response.headers.get("x-trace-id")
+            print(f"demo: POST /book/{route} -> {response.status_code}  "
+                  f"trace {server}/api/lookout/traces/{trace_id}", flush=True)  # fmt: skip
             time.sleep(1.0 / args.rate)
     except KeyboardInterrupt:
         pass
     finally:
-        for proc in procs:
+        for proc in reversed(procs):  # services first, so their last spans reach the server
             proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
+            proc.wait(timeout=15)
     return 0
 
 
