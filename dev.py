@@ -80,7 +80,7 @@ def bootstrap() -> None:
 
 def cmd_test(args: list[str]) -> int:
     bootstrap()
-    paths = [p for p in ("src", "tests", "bench", "dev.py") if (ROOT / p).exists()]
+    paths = [p for p in ("src", "tests", "bench", "docs/examples", "dev.py") if (ROOT / p).exists()]
     step("ruff check")
     run(BIN / "ruff", "check", *paths)
     step("ruff format --check")

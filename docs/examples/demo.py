@@ -46,7 +46,7 @@ def start(service: str, port: int, seats_url: str | None, server: str) -> subpro
     }
     if seats_url:
         env["SEATS_URL"] = seats_url
-    cmd = [sys.executable, "-m", "uvicorn", "quickstart:app", "--port", str(port), "--no-access-log"]
+    cmd = [sys.executable, "-m", "uvicorn", "quickstart:app", "--port", str(port)]
     return subprocess.Popen(cmd, cwd=HERE, env=env)
 
 
@@ -55,9 +55,10 @@ def wait_ready(url: str, method: str = "POST", deadline_s: float = 30.0) -> None
     while time.monotonic() < end:
         try:
             httpx.request(method, url, timeout=1.0)
-            return
         except httpx.TransportError:
             time.sleep(0.1)
+        else:
+            return
     raise SystemExit(f"demo: {url} did not answer within {deadline_s:.0f}s")
 
 
