@@ -73,6 +73,25 @@ def _cmd_server(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from lookout.run import RunOptions, run
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print(
+            "lookout run: give the command to run after --, e.g. lookout run -- python app.py",
+            file=sys.stderr,
+        )
+        return 2
+    url = args.url or os.environ.get("LOOKOUT_URL") or "http://127.0.0.1:8686"
+    token = args.token or os.environ.get("LOOKOUT_TOKEN") or None
+    return run(RunOptions(command, url, token, args.service, echo=not args.no_echo))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lookout", description="Lookout: observability for microservices.")
     parser.add_argument("--version", action="version", version=f"lookout {__version__}")
@@ -103,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the effective config, secrets redacted"
     )
     server.set_defaults(func=_cmd_server)
+
+    run = commands.add_parser(
+        "run",
+        help="run a command and ship its stdout and stderr lines to the server",
+        usage="lookout run [--service NAME] [--url URL] [--token TOKEN] [--no-echo] -- CMD ...",
+    )
+    run.add_argument("--service", help="service name of the lines (default: the command's name)")
+    run.add_argument("--url", help="server URL (default: LOOKOUT_URL, else http://127.0.0.1:8686)")
+    run.add_argument("--token", help="ingest credential (default: LOOKOUT_TOKEN)")
+    run.add_argument("--no-echo", action="store_true", help="do not copy the lines to our output")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 

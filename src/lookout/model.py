@@ -101,6 +101,9 @@ class Batch:
     samples: list[Sample] = field(default_factory=list)
     events: list[ErrorEvent] = field(default_factory=list)
     job_runs: list[JobRun] = field(default_factory=list)
+    # Set by senders that number their batches (`lookout run`): a batch whose key was
+    # committed already is a resend and is dropped whole.
+    dedup_key: str | None = None
 
     def __len__(self) -> int:
         return (

@@ -60,6 +60,11 @@ class ServerMetrics:
             ["reason", "category"],
             registry=registry,
         )
+        self.shipper_dropped = Counter(
+            "lookout_run_dropped_lines",
+            "Lines `lookout run` dropped because its buffer was full (the server was down).",
+            registry=registry,
+        )
         self.skipped_items = Counter(
             "lookout_sentry_items_skipped",
             "Envelope items of types the server does not store, by type.",

@@ -21,10 +21,10 @@ QUEUE_LINES = 10_000
 _EPIPE_LIKE = (BrokenPipeError, ConnectionResetError, ValueError)
 
 
-def _stdout_is_a_pipe() -> int | None:
-    """The fd of stdout when it is a pipe or socket, else None."""
+def _stdout_is_a_pipe(name: str = "stdout") -> int | None:
+    """The fd of sys.stdout (or sys.stderr) when it is a pipe or socket, else None."""
     try:
-        fd = sys.stdout.fileno()
+        fd = getattr(sys, name).fileno()
         mode = os.fstat(fd).st_mode
     except (AttributeError, OSError, ValueError):
         return None
@@ -34,13 +34,21 @@ def _stdout_is_a_pipe() -> int | None:
 class StdoutSink:
     """`msg(line)` writes one line; it never blocks on a full pipe and never raises."""
 
-    def __init__(self, on_drop: Callable[[str], None], *, queue_lines: int = QUEUE_LINES) -> None:
+    def __init__(
+        self,
+        on_drop: Callable[[str], None],
+        *,
+        queue_lines: int = QUEUE_LINES,
+        stream: str = "stdout",
+    ) -> None:
         self._on_drop = on_drop
+        self._stream = stream
         self._lock = threading.Lock()
         self._queue: collections.deque[bytes] = collections.deque(maxlen=queue_lines)
         self._wake = threading.Condition(threading.Lock())
-        self._fd = _stdout_is_a_pipe()
+        self._fd = _stdout_is_a_pipe(stream)
         self._closed = False
+        self._writing = False
         self._thread: threading.Thread | None = None
         if self._fd is not None:
             self._start_writer()
@@ -62,7 +70,7 @@ class StdoutSink:
     def _write_now(self, line: bytes) -> None:
         try:
             with self._lock:
-                stream = sys.stdout
+                stream = getattr(sys, self._stream)
                 buffer = getattr(stream, "buffer", None)
                 if buffer is not None:
                     buffer.write(line + b"\n")
@@ -93,9 +101,11 @@ class StdoutSink:
     def _drain(self) -> None:
         assert self._fd is not None
         while self._queue:
+            self._writing = True
             try:
                 line = self._queue.popleft()
             except IndexError:
+                self._writing = False
                 return
             view = memoryview(line)
             try:
@@ -104,11 +114,13 @@ class StdoutSink:
                     view = view[written:]
             except (OSError, *_EPIPE_LIKE):
                 self._on_drop("stdout_unavailable")
+            finally:
+                self._writing = False
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until queued lines are written (True) or the time is up (False)."""
         deadline = time.monotonic() + timeout_s
-        while self._queue and time.monotonic() < deadline:
+        while (self._queue or self._writing) and time.monotonic() < deadline:
             with self._wake:
                 self._wake.notify()
             time.sleep(0.005)

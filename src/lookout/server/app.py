@@ -93,8 +93,9 @@ def main_app(runtime: ServerRuntime) -> Starlette:
         Route("/api/lookout/series", api.raw_series),
         Route("/api/lookout/job-runs", api.list_job_runs),
     ]
+    shipped = [Route("/api/lookout/lines", intake.shipped_lines, methods=["POST"])]
     health = [Route("/healthz", healthz), Route("/readyz", readyz)]
-    return _app(runtime, [*health, *_otlp_routes(runtime), *sentry, *read])
+    return _app(runtime, [*health, *_otlp_routes(runtime), *sentry, *shipped, *read])
 
 
 def otlp_app(runtime: ServerRuntime) -> Starlette:

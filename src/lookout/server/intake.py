@@ -7,6 +7,7 @@ A 2xx goes out only after the request's records are committed. A client's mistak
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lookout.errors import IngestError, StoreBusyError, StoreError
+from lookout.ingest import lines, otlp, sentry
 from lookout.ingest import metrics as otlp_metrics
-from lookout.ingest import otlp, sentry
 from lookout.ingest.bodies import decompress
 from lookout.model import Batch
 from lookout.server.errors import error_response
@@ -130,3 +131,23 @@ async def _sentry(request: Request, kind: str) -> Response:
         return JSONResponse({"id": intake.event_id or None})
 
     return await _guarded(request, f"sentry_{kind}", handle)
+
+
+async def shipped_lines(request: Request) -> Response:
+    """`lookout run`'s batches of stdout and stderr lines."""
+
+    async def handle(runtime: ServerRuntime) -> Response:
+        body = await _body(request, runtime)
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise IngestError(f"A lines batch must be JSON: {exc}") from exc
+        key, outcome, dropped = lines.read_batch(document, runtime.limits, time.time_ns())
+        for reason, count in outcome.reasons.items():
+            runtime.metrics.rejected.labels("logs", reason).inc(count)
+        if dropped:
+            runtime.metrics.shipper_dropped.inc(dropped)
+        written = await runtime.store(Batch(logs=outcome.records, dedup_key=key))
+        return JSONResponse({"accepted": written, "rejected": outcome.rejected})
+
+    return await _guarded(request, "lines", handle)

@@ -45,7 +45,7 @@ class ServerRuntime:
 
     async def store(self, batch: Batch) -> int:
         """Write a request's records and wait for the commit."""
-        if not len(batch):
+        if not len(batch) and batch.dedup_key is None:
             return 0
         future = self.writer.submit(batch)
         return await asyncio.wrap_future(future)

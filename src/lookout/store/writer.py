@@ -82,6 +82,7 @@ class Writer:
         )
         self._span_keys = RecentKeys()
         self._event_keys = RecentKeys(window_s=7 * 86400)
+        self._batch_keys = RecentKeys(window_s=86400)
         self._series: set[int] = set()
         self._issues: set[str] = set()
         self._load_known()
@@ -104,6 +105,11 @@ class Writer:
             "SELECT event_id FROM events WHERE ingested_ns >= ?", [now - self._event_keys.window_ns]
         ).fetchall()
         self._event_keys.add_all((r[0] for r in rows), now)
+        rows = connection.execute(
+            "SELECT DISTINCT source FROM logs WHERE source LIKE 'run:%' AND ingested_ns >= ?",
+            [now - self._batch_keys.window_ns],
+        ).fetchall()
+        self._batch_keys.add_all((r[0] for r in rows), now)
 
     # -- the public face ---------------------------------------------------------------
     def start(self) -> None:
@@ -209,6 +215,7 @@ class Writer:
         new_partitions: dict[str, set[str]] = collections.defaultdict(set)
         staged_span_keys: list[str] = []
         staged_event_keys: list[str] = []
+        staged_batch_keys: list[str] = []
         new_series: set[int] = set()
         new_issues: set[str] = set()
         with database.lock:
@@ -216,6 +223,13 @@ class Writer:
             try:
                 written = []
                 for batch in batches:
+                    key = batch.dedup_key
+                    if key is not None:
+                        if key in self._batch_keys or key in staged_batch_keys:
+                            self.metrics.duplicates.labels("batches").inc()
+                            written.append(0)
+                            continue
+                        staged_batch_keys.append(key)
                     count = 0
                     count += self._write_spans(batch.spans, now, new_partitions, staged_span_keys)
                     count += self._write_logs(batch.logs, now, new_partitions)
@@ -239,6 +253,7 @@ class Writer:
                 raise
         self._span_keys.add_all(staged_span_keys, now)
         self._event_keys.add_all(staged_event_keys, now)
+        self._batch_keys.add_all(staged_batch_keys, now)
         total = sum(written)
         self.metrics.commit_batch_rows.observe(total)
         self.metrics.commit_seconds.observe(time.perf_counter() - began)
