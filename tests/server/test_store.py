@@ -151,7 +151,7 @@ def test_closed_days_move_to_parquet_and_stay_readable(tmp_path: Path) -> None:
     (path,) = [
         r[0] for r in database.connection.execute("SELECT path FROM partition_files").fetchall()
     ]
-    assert Path(path).exists()
+    assert (tmp_path / path).exists(), "paths are kept relative to the data directory"
     assert path.endswith(".parquet")
     assert database.connection.execute("SELECT count(*) FROM spans").fetchone() == (2,)
     # A late record for the closed day lands in a new table beside the file.

@@ -33,6 +33,10 @@ _UNITS = {
     "GBy": "gigabytes", "bit": "bits", "m": "meters", "V": "volts", "A": "amperes",
     "J": "joules", "W": "watts", "g": "grams", "Cel": "celsius", "Hz": "hertz", "%": "percent",
 }  # fmt: skip
+_PER_UNITS = {
+    "s": "second", "ms": "millisecond", "us": "microsecond", "ns": "nanosecond",
+    "min": "minute", "h": "hour", "d": "day", "m": "meter",
+}  # fmt: skip
 DELTA_REASON = "delta temporality (send cumulative)"
 EXPONENTIAL_REASON = "exponential histogram (native histograms are not supported)"
 
@@ -41,6 +45,8 @@ def metric_name(name: str, unit: str, *, counter: bool, gauge: bool) -> str:
     base = _INVALID.sub("_", name)
     if base and base[0].isdigit():
         base = "_" + base
+    if counter and base.endswith("_total"):
+        base = base[: -len("_total")]  # the unit goes before _total, which comes back below
     unit = re.sub(r"\{[^}]*\}", "", unit).strip()
     suffix = ""
     if unit == "1" and gauge:
@@ -49,7 +55,8 @@ def metric_name(name: str, unit: str, *, counter: bool, gauge: bool) -> str:
         per = unit.split("/", 1)
         words = [_UNITS.get(per[0], _INVALID.sub("_", per[0]))]
         if len(per) == 2:
-            words.append("per_" + _UNITS.get(per[1], _INVALID.sub("_", per[1])).rstrip("s"))
+            denominator = _UNITS.get(per[1], _INVALID.sub("_", per[1]))
+            words.append("per_" + _PER_UNITS.get(per[1], denominator))
         suffix = "_".join(w for w in words if w)
     if suffix and not base.endswith(suffix):
         base = f"{base}_{suffix}"
@@ -60,11 +67,22 @@ def metric_name(name: str, unit: str, *, counter: bool, gauge: bool) -> str:
 
 def label_name(key: str) -> str:
     name = _LABEL_INVALID.sub("_", key)
-    return "key_" + name if name[:1].isdigit() else name
+    if name[:1].isdigit():
+        return "key_" + name
+    if name.startswith("__"):
+        return "key" + name  # `__` names are reserved for Prometheus's own use
+    return name
 
 
 def _labels(values: dict[str, Any]) -> dict[str, str]:
-    return {label_name(k): v if isinstance(v, str) else str(v) for k, v in values.items()}
+    """Attributes as labels; keys that sanitize alike are joined with `;`, as the spec says."""
+    out: dict[str, str] = {}
+    for key in sorted(values):
+        value = values[key]
+        text = value if isinstance(value, str) else str(value)
+        name = label_name(key)
+        out[name] = f"{out[name]};{text}" if name in out else text
+    return out
 
 
 def _identity(resource: dict[str, Any]) -> dict[str, str]:
@@ -75,18 +93,24 @@ def _identity(resource: dict[str, Any]) -> dict[str, str]:
     return {"job": job, "instance": instance}
 
 
-def _exemplar(exemplars: Any) -> dict[str, Any] | None:
+def _exemplars(exemplars: Any) -> list[dict[str, Any]]:
+    """Exemplars that link to a trace."""
+    out = []
     for exemplar in exemplars:
-        trace_id = exemplar.trace_id.hex()
-        if trace_id and any(exemplar.trace_id):
+        if any(exemplar.trace_id):
             value = exemplar.as_double if exemplar.HasField("as_double") else exemplar.as_int
-            return {
-                "trace_id": trace_id,
+            out.append({
+                "trace_id": exemplar.trace_id.hex(),
                 "span_id": exemplar.span_id.hex(),
                 "value": value,
                 "ts_ms": exemplar.time_unix_nano // 1_000_000,
-            }
-    return None
+            })  # fmt: skip
+    return out
+
+
+def _exemplar(exemplars: Any) -> dict[str, Any] | None:
+    found = _exemplars(exemplars)
+    return found[-1] if found else None
 
 
 def samples(request: Any, limits: Limits, now_ns: int) -> Outcome:
@@ -96,11 +120,11 @@ def samples(request: Any, limits: Limits, now_ns: int) -> Outcome:
         resource = attributes(resource_metrics.resource.attributes)
         identity = _identity(resource)
         info_labels = {
-            **identity,
             **_labels({
                 k: v for k, v in resource.items()
                 if k not in ("service.name", "service.namespace", "service.instance.id")
             }),
+            **identity,  # job and instance always join target_info to its series
         }  # fmt: skip
         info_written = False
         for scope_metrics in resource_metrics.scope_metrics:
@@ -139,7 +163,8 @@ def _points(
         outcome.reject(DELTA_REASON, len(data.data_points))
         return result
     monotonic = kind == "sum" and data.is_monotonic
-    name = metric_name(metric.name, metric.unit, counter=monotonic, gauge=kind in {"gauge", "sum"})
+    gauge = kind == "gauge" or (kind == "sum" and not monotonic)
+    name = metric_name(metric.name, metric.unit, counter=monotonic, gauge=gauge)
     for point in data.data_points:
         if point.flags & _NO_RECORDED_VALUE:
             continue
@@ -171,20 +196,25 @@ def _le(bound: float) -> str:
 
 
 def _histogram(name: str, labels: dict[str, str], ts_ms: int, point: Any) -> list[Sample]:
+    """Classic buckets with cumulative `le` counts; each exemplar on the bucket it falls in."""
+    exemplars = _exemplars(point.exemplars)
+
+    def falls_in(low: float, high: float) -> dict[str, Any] | None:
+        inside = [e for e in exemplars if low < e["value"] <= high]
+        return inside[-1] if inside else None
+
     out = []
-    exemplar = _exemplar(point.exemplars)
     cumulative = 0
-    bounds = list(point.explicit_bounds)
     counts = list(point.bucket_counts)
-    for index, bound in enumerate(bounds):
+    low = float("-inf")
+    for index, bound in enumerate(point.explicit_bounds):
         cumulative += counts[index] if index < len(counts) else 0
-        hit = exemplar if exemplar and exemplar["value"] <= bound and (
-            index == 0 or exemplar["value"] > bounds[index - 1]
-        ) else None  # fmt: skip
-        out.append(
-            Sample(f"{name}_bucket", {**labels, "le": _le(bound)}, ts_ms, float(cumulative), hit)
-        )
-    out.append(Sample(f"{name}_bucket", {**labels, "le": "+Inf"}, ts_ms, float(point.count)))
+        bucket = {**labels, "le": _le(bound)}
+        out.append(Sample(f"{name}_bucket", bucket, ts_ms, float(cumulative), falls_in(low, bound)))
+        low = bound
+    infinite = {**labels, "le": "+Inf"}
+    tail = falls_in(low, float("inf"))
+    out.append(Sample(f"{name}_bucket", infinite, ts_ms, float(point.count), tail))
     if point.HasField("sum"):
         out.append(Sample(f"{name}_sum", labels, ts_ms, point.sum))
     out.append(Sample(f"{name}_count", labels, ts_ms, float(point.count)))

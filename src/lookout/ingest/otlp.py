@@ -37,6 +37,8 @@ SIGNALS: dict[str, tuple[type[Message], type[Message]]] = {
 _HEX_ID_FIELDS = frozenset(
     {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
 )
+_LONGEST_SPAN_NS = 7 * 86400 * 10**9
+_INT64_MAX = 2**63 - 1
 _KINDS = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 _STATUS = {0: "unset", 1: "ok", 2: "error"}
 _SEVERITY_LEVELS = (
@@ -185,7 +187,11 @@ def spans(request: Any, limits: Limits, now_ns: int) -> Outcome:
                 if reason:
                     outcome.reject(reason)
                     continue
-                end = max(span.end_time_unix_nano, span.start_time_unix_nano)
+                # An end before the start, or absurdly late, is clamped, not stored as is.
+                end = min(
+                    max(span.end_time_unix_nano, span.start_time_unix_nano),
+                    span.start_time_unix_nano + _LONGEST_SPAN_NS,
+                )
                 outcome.records.append(
                     Span(
                         trace_id=trace_id,
@@ -252,7 +258,7 @@ def logs(request: Any, limits: Limits, now_ns: int) -> Outcome:
                 outcome.records.append(
                     LogRecord(
                         ts_ns=ts,
-                        observed_ns=record.observed_time_unix_nano,
+                        observed_ns=min(record.observed_time_unix_nano, _INT64_MAX),
                         service=service,
                         level=_level(record.severity_number, record.severity_text),
                         severity_number=record.severity_number,

@@ -86,15 +86,24 @@ def parse_envelope(body: bytes) -> Envelope:
     return envelope
 
 
+_ACCEPTED_PAST_NS = 7 * 86400 * 10**9
+_ACCEPTED_FUTURE_NS = 600 * 10**9
+
+
 def _timestamp_ns(value: Any, default: int) -> int:
-    if isinstance(value, int | float) and value > 0:
-        return int(value * 1e9)
-    if isinstance(value, str):
+    """Seconds (float) or RFC 3339 as nanoseconds; a time out of range becomes `default`,
+    as Relay clamps a client's wrong clock rather than refusing the event."""
+    stamp = None
+    if isinstance(value, int | float) and 0 < value < 1e11:
+        stamp = int(value * 1e9)
+    elif isinstance(value, str):
         try:
-            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
-        except ValueError:
-            return default
-    return default
+            stamp = int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+        except (ValueError, OverflowError):
+            stamp = None
+    if stamp is None or not default - _ACCEPTED_PAST_NS <= stamp <= default + _ACCEPTED_FUTURE_NS:
+        return default
+    return stamp
 
 
 def _tags(raw: Any) -> dict[str, str]:

@@ -142,9 +142,12 @@ def encode_cursor(ts_ns: int, seen_at_ts: int) -> str:
 def decode_cursor(cursor: str) -> tuple[int, int]:
     try:
         ts, seen = base64.urlsafe_b64decode(cursor.encode()).decode().split(":")
-        return int(ts), int(seen)
+        position = int(ts), int(seen)
     except (ValueError, UnicodeDecodeError) as exc:
         raise QueryError(f"cursor {cursor!r} is not one this API gave out") from exc
+    if position[1] < 0:
+        raise QueryError(f"cursor {cursor!r} is not one this API gave out")
+    return position
 
 
 def search_logs(
@@ -292,7 +295,7 @@ def parse_selector(text: str) -> list[tuple[str, str, str]]:
         found = _MATCHER.match(body, position)
         if not found:
             raise QueryError(f"cannot read the label matchers in {text!r} at {body[position:]!r}")
-        value = bytes(found[3], "utf-8").decode("unicode_escape")
+        value = re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]), found[3])
         matchers.append((found[1], found[2], value))
         position = found.end()
     for _, op, value in matchers:

@@ -9,13 +9,14 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+import duckdb
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from lookout.errors import QueryError
 from lookout.query import read
-from lookout.server.errors import error_response
+from lookout.server.errors import FiniteJSONResponse, error_response
 from lookout.server.runtime import ServerRuntime
 
 DEFAULT_WINDOW_S = 3600
@@ -27,9 +28,13 @@ def _time_ns(name: str, text: str | None, default: int) -> int:
     if text is None or text == "":
         return default
     try:
-        return int(float(text) * 1e9)
+        number = float(text)
     except ValueError:
-        pass
+        number = None
+    if number is not None:
+        if not -1e11 < number < 1e11:  # also refuses nan and inf
+            raise QueryError(f"{name}={text!r} is not a time in range")
+        return int(number * 1e9)
     try:
         return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9)
     except ValueError:
@@ -63,9 +68,12 @@ def _number(request: Request, name: str) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         raise QueryError(f"{name}={text!r} is not a number") from None
+    if not -1e15 < number < 1e15:  # also refuses nan and inf
+        raise QueryError(f"{name}={text!r} is not a finite number in range")
+    return number
 
 
 def _attributes(request: Request) -> dict[str, str]:
@@ -107,12 +115,13 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         try:
             result = await run_in_threadpool(run)
         except QueryError as exc:
-            return error_response(
-                exc.status, "bad_request" if exc.status == 400 else "not_found", str(exc)
-            )
+            code = "bad_request" if exc.status == 400 else "not_found"
+            return error_response(exc.status, code, str(exc))
+        except (ValueError, OverflowError, duckdb.Error) as exc:
+            return error_response(400, "bad_request", f"The query cannot run: {exc}"[:500])
         if isinstance(result, Response):
             return result
-        return JSONResponse(result)
+        return FiniteJSONResponse(result)
 
     return route
 

@@ -35,10 +35,26 @@ def _runtime(request: Request) -> ServerRuntime:
 
 
 async def _body(request: Request, runtime: ServerRuntime) -> bytes:
-    raw = await request.body()
-    return decompress(
-        raw, request.headers.get("content-encoding", ""), runtime.limits.max_body_bytes
-    )
+    """The request body, refused with 413 as soon as it passes the limit: it is never held
+    in memory whole first, whatever Content-Length claims or chunking hides."""
+    limit = runtime.limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise IngestError(
+            f"Body of {declared} bytes is over the {limit}-byte limit.",
+            status=413,
+            reason="too_large",
+        )
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise IngestError(
+                f"Body is over the {limit}-byte limit.", status=413, reason="too_large"
+            )
+        parts.append(chunk)
+    return decompress(b"".join(parts), request.headers.get("content-encoding", ""), limit)
 
 
 async def _guarded(
@@ -50,6 +66,11 @@ async def _guarded(
     except IngestError as exc:
         runtime.metrics.rejected.labels(endpoint, exc.reason).inc()
         response = error_response(exc.status, exc.reason, str(exc))
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        # A payload of the right syntax but the wrong shape is still the client's mistake.
+        runtime.metrics.rejected.labels(endpoint, "malformed").inc()
+        message = f"The payload does not have the expected shape: {exc!r}"
+        response = error_response(400, "malformed", message[:500])
     except StoreBusyError as exc:
         runtime.metrics.rejected.labels(endpoint, "busy").inc()
         response = error_response(503, "busy", str(exc), headers={"Retry-After": "1"})

@@ -80,7 +80,7 @@ async def serve(config: ServerConfig) -> int:
     finally:
         for task in (observer, compactor):
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         runtime.close()
         log.info("lookout_server_stopped")

@@ -41,7 +41,7 @@ class ServerRuntime:
         return next((p for p in self.config.projects if p.id == project_id), None)
 
     def ready(self) -> bool:
-        return self.writer.running
+        return self.writer.alive
 
     async def store(self, batch: Batch) -> int:
         """Write a request's records and wait for the commit."""

@@ -18,6 +18,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
+import lookout.sdk
 from lookout.errors import StoreError
 from lookout.model import Batch, Sample, Span
 from lookout.server.runtime import ServerRuntime
@@ -98,7 +99,10 @@ def yesterday(now_s: float) -> str:
 
 async def compact_forever(runtime: ServerRuntime) -> None:
     """Move closed days to Parquet at startup and then every hour, on the writer thread."""
+    log = lookout.sdk.get_logger("lookout.server")
     while True:
-        with contextlib.suppress(StoreError, OSError):
+        try:
             await asyncio.wrap_future(runtime.writer.close_days_before(yesterday(time.time())))
+        except Exception as exc:  # noqa: BLE001 - a failed compaction is retried next hour
+            log.warning("compaction_failed", error=repr(exc))
         await asyncio.sleep(COMPACT_EVERY_S)

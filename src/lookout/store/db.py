@@ -89,12 +89,14 @@ class Database:
         listed = set()
         rows = self.connection.execute("SELECT signal, day, path FROM partition_files").fetchall()
         for signal, day, path in rows:
-            self.files[signal].setdefault(day, []).append(path)
+            if (self.data_dir / path).exists():
+                self.files[signal].setdefault(day, []).append(path)
             listed.add(path)
-        # A file written by a compaction whose transaction never committed is an orphan.
-        for orphan in self.data_dir.glob("*/*.parquet*"):
-            if str(orphan) not in listed:
-                orphan.unlink(missing_ok=True)
+        # A file whose compaction never committed duplicates a table that is still there.
+        # Paths are kept relative to the data directory, so a moved store still matches.
+        for found in self.data_dir.glob("*/*.parquet*"):
+            if str(found.relative_to(self.data_dir)) not in listed:
+                found.unlink(missing_ok=True)
 
     def ensure_partition(self, signal: str, day: str) -> bool:
         """Create the day table inside the caller's transaction; True when it is new."""
@@ -114,7 +116,11 @@ class Database:
         for signal in signals:
             days = sorted(self.partitions[signal])
             parts = [f"SELECT * FROM {day_table(signal, day)}" for day in days]
-            paths = sorted(p for day_paths in self.files[signal].values() for p in day_paths)
+            paths = sorted(
+                str(self.data_dir / p)
+                for day_paths in self.files[signal].values()
+                for p in day_paths
+            )
             if paths:
                 listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
                 parts.append(f"SELECT * FROM read_parquet([{listed}], union_by_name = true)")
@@ -141,6 +147,7 @@ class Database:
         folder.mkdir(exist_ok=True)
         final = folder / f"{day}-{time.time_ns()}.parquet"
         partial = final.with_suffix(".parquet.partial")
+        relative = str(final.relative_to(self.data_dir))
         connection = self.connection
         with self.lock:
             rows = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
@@ -152,20 +159,22 @@ class Database:
             try:
                 connection.execute(
                     "INSERT INTO partition_files VALUES (?, ?, ?, ?, ?)",
-                    [signal, day, str(final), count, time.time_ns()],
+                    [signal, day, relative, count, time.time_ns()],
                 )
                 connection.execute(
                     "DELETE FROM partitions WHERE signal = ? AND day = ?", [signal, day]
                 )
                 connection.execute(f"DROP TABLE {table}")
                 self.partitions[signal].discard(day)
-                self.files[signal].setdefault(day, []).append(str(final))
+                self.files[signal].setdefault(day, []).append(relative)
                 self._refresh_views({signal})
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
                 self.partitions[signal].add(day)
-                self.files[signal][day].remove(str(final))
+                day_files = self.files[signal].get(day, [])
+                if relative in day_files:
+                    day_files.remove(relative)
                 final.unlink(missing_ok=True)
                 raise
         return count

@@ -49,6 +49,17 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=str, separators=(",", ":"))
 
 
+def _resolve(future: Future[int], result: int) -> None:
+    """Resolve unless the caller gave up (a cancelled request must not kill the writer)."""
+    if future.set_running_or_notify_cancel():
+        future.set_result(result)
+
+
+def _fail(future: Future[int], error: BaseException) -> None:
+    if future.set_running_or_notify_cancel():
+        future.set_exception(error)
+
+
 class RecentKeys:
     """Keys committed recently, bounded by age and count, for resend detection."""
 
@@ -159,53 +170,68 @@ class Writer:
     # -- the thread --------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            payload, done = first
-            if not isinstance(payload, Batch):
-                self._run_job(payload, done)
-                continue
-            group: list[tuple[Batch, Future[int]]] = [(payload, done)]
-            rows = len(payload)
-            while rows < GROUP_MAX_ROWS:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._commit(group)
+            try:
+                if self._serve_next():
                     return
-                if not isinstance(item[0], Batch):
-                    self._commit(group)
-                    self._run_job(item[0], item[1])
-                    group = []
-                    break
-                group.append((item[0], item[1]))
-                rows += len(item[0])
-            self.metrics.queue_depth.set(self._queue.qsize())
-            if group:
+            except Exception:  # noqa: BLE001, S112 - the writer must outlive any one request
+                continue
+
+    def _serve_next(self) -> bool:
+        """Write the next group of requests (or run the next job); True when told to stop."""
+        first = self._queue.get()
+        if first is None:
+            return True
+        payload, done = first
+        if not isinstance(payload, Batch):
+            self._run_job(payload, done)
+            return False
+        group: list[tuple[Batch, Future[int]]] = [(payload, done)]
+        rows = len(payload)
+        stop = False
+        while rows < GROUP_MAX_ROWS:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            if not isinstance(item[0], Batch):
                 self._commit(group)
+                self._run_job(item[0], item[1])
+                return False
+            group.append((item[0], item[1]))
+            rows += len(item[0])
+        self.metrics.queue_depth.set(self._queue.qsize())
+        self._commit(group)
+        return stop
 
     @staticmethod
     def _run_job(job: Job, future: Future[int]) -> None:
         try:
-            future.set_result(job())
+            result = job()
         except Exception as exc:  # noqa: BLE001 - a failed job is reported to its caller
-            future.set_exception(exc)
+            _fail(future, exc)
+            return
+        _resolve(future, result)
+
+    @property
+    def alive(self) -> bool:
+        """Running, with its thread alive: what /readyz reports."""
+        return self.running and self._thread.is_alive()
 
     def _commit(self, group: Sequence[tuple[Batch, Future[int]]]) -> None:
         try:
             written = self._transaction([batch for batch, _ in group])
         except Exception as exc:  # noqa: BLE001 - retried one by one below, then reported
             if len(group) == 1:
-                group[0][1].set_exception(StoreError(f"Store write failed: {exc}"))
+                _fail(group[0][1], StoreError(f"Store write failed: {exc}"))
                 return
             for item in group:
                 self._commit([item])
             return
         for (_, future), rows in zip(group, written, strict=True):
-            future.set_result(rows)
+            _resolve(future, rows)
 
     def _transaction(self, batches: Sequence[Batch]) -> list[int]:
         database = self.database
