@@ -30,6 +30,8 @@ class Span:
     resource: Attributes = field(default_factory=dict)
     scope: str = ""
     source: str = "otlp"
+    # How many spans this one stands for: 1/probability when the sampler said (tracestate).
+    adjusted_count: float = 1.0
 
 
 @dataclass

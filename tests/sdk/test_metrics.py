@@ -22,7 +22,8 @@ ROW = re.compile(r"^\| `(?P<name>[a-z_:]+)` \| (?P<type>\w+) \|(?P<labels>[^|]*)
 
 def documented_table() -> set[tuple[str, str, tuple[str, ...]]]:
     rows = set()
-    for line in DOC.read_text().splitlines():
+    sdk_part = DOC.read_text().split("## Derived by the server", 1)[0]
+    for line in sdk_part.splitlines():
         match = ROW.match(line)
         if match:
             labels = tuple(re.findall(r"`([a-z_]+)`", match["labels"]))

@@ -223,9 +223,29 @@ def spans(request: Any, limits: Limits, now_ns: int) -> Outcome:
                         ],
                         resource=resource,
                         scope=scope,
+                        adjusted_count=adjusted_count(span.trace_state),
                     )
                 )
     return outcome
+
+
+def adjusted_count(trace_state: str) -> float:
+    """1/probability from OpenTelemetry's sampling threshold in tracestate (`ot=th:HEX`),
+    else 1: the span counts as itself, as sampled."""
+    for member in trace_state.split(","):
+        key, _, value = member.strip().partition("=")
+        if key != "ot":
+            continue
+        for field_ in value.split(";"):
+            name, _, threshold = field_.partition(":")
+            if name == "th" and threshold and len(threshold) <= 14:
+                try:
+                    rejected = int(threshold.ljust(14, "0"), 16)
+                except ValueError:
+                    return 1.0
+                probability = (2**56 - rejected) / 2**56
+                return 1.0 / probability if probability > 0 else 1.0
+    return 1.0
 
 
 def _level(severity_number: int, severity_text: str) -> str:

@@ -12,6 +12,7 @@ from lookout.ingest.limits import Limits
 from lookout.model import Batch
 from lookout.sdk._scrub import Scrubber
 from lookout.selfmetrics import ServerMetrics
+from lookout.server.derived import DerivedMetrics
 from lookout.store import Database, Writer
 
 
@@ -21,16 +22,18 @@ class ServerRuntime:
     database: Database
     writer: Writer
     metrics: ServerMetrics
+    derived: DerivedMetrics = field(default_factory=DerivedMetrics)
     limits: Limits = field(default_factory=Limits)
     started_ns: int = field(default_factory=time.time_ns)
 
     @classmethod
     def open(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> ServerRuntime:
         metrics = metrics or ServerMetrics()
+        derived = DerivedMetrics()
         database = Database(config.data_dir)
-        writer = Writer(database, metrics)
+        writer = Writer(database, metrics, on_commit=derived.observe)
         writer.start()
-        return cls(config, database, writer, metrics)
+        return cls(config, database, writer, metrics, derived)
 
     @property
     def scrubber(self) -> Scrubber:

@@ -29,7 +29,8 @@ SELF_JOB = "lookout"
 def snapshot(runtime: ServerRuntime, instance: str, now_ms: int) -> list[Sample]:
     """The server's registry as samples, labelled as a scrape of job="lookout" would be."""
     samples = []
-    for family in runtime.metrics.registry.collect():
+    families = [*runtime.metrics.registry.collect(), *runtime.derived.registry.collect()]
+    for family in families:
         for sample in family.samples:
             if sample.name.endswith("_created"):
                 continue

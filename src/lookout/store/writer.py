@@ -12,6 +12,7 @@ the store at startup). Hot tables have no unique constraints, on purpose (schema
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import queue
@@ -28,6 +29,8 @@ from lookout.store.db import Database
 from lookout.store.schema import day_of, day_table
 
 Job = Callable[[], int]
+# Told what a transaction stored, after its commit: (spans, logs, events, job runs).
+OnCommit = Callable[[list[Span], list[LogRecord], list[ErrorEvent], list[JobRun]], None]
 DEDUP_WINDOW_S = 3600
 QUEUE_REQUESTS = 1000
 GROUP_MAX_ROWS = 20_000
@@ -85,9 +88,12 @@ class RecentKeys:
 class Writer:
     """Owns all writes to the store; `submit()` is safe from any thread."""
 
-    def __init__(self, database: Database, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, database: Database, metrics: ServerMetrics, on_commit: OnCommit | None = None
+    ) -> None:
         self.database = database
         self.metrics = metrics
+        self.on_commit = on_commit
         self._queue: queue.Queue[tuple[Batch | Job, Future[int]] | None] = queue.Queue(
             QUEUE_REQUESTS
         )
@@ -279,11 +285,31 @@ class Writer:
                 raise
         self._span_keys.add_all(staged_span_keys, now)
         self._event_keys.add_all(staged_event_keys, now)
+        self._notify(batches, written, set(staged_span_keys), set(staged_event_keys))
         self._batch_keys.add_all(staged_batch_keys, now)
         total = sum(written)
         self.metrics.commit_batch_rows.observe(total)
         self.metrics.commit_seconds.observe(time.perf_counter() - began)
         return written
+
+    def _notify(
+        self,
+        batches: Sequence[Batch],
+        written: list[int],
+        span_keys: set[str],
+        event_keys: set[str],
+    ) -> None:
+        """Tell `on_commit` what was stored: resent batches, spans and events left out."""
+        if self.on_commit is None:
+            return
+        kept = [b for b, n in zip(batches, written, strict=True) if n or b.dedup_key is None]
+        with contextlib.suppress(Exception):  # derived counts must never fail a write
+            self.on_commit(
+                [s for b in kept for s in b.spans if s.trace_id + s.span_id in span_keys],
+                [r for b in kept for r in b.logs],
+                [e for b in kept for e in b.events if e.event_id in event_keys],
+                [r for b in kept for r in b.job_runs],
+            )
 
     def _insert(
         self,
