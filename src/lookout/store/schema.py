@@ -44,6 +44,13 @@ DAY_TABLES: dict[str, str] = {
         ingested_ns BIGINT
     """,
 }
+
+
+def column_types(signal: str) -> list[str]:
+    """The SQL type of each column of a signal's day table, in order."""
+    return [part.split()[1] for part in DAY_TABLES[signal].split(",")]
+
+
 # Which timestamp column decides a record's day partition.
 DAY_COLUMN = {
     "spans": "start_ns",

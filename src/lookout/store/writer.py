@@ -26,7 +26,7 @@ from lookout.errors import StoreBusyError, StoreError
 from lookout.model import Batch, ErrorEvent, JobRun, LogRecord, Sample, Span
 from lookout.selfmetrics import ServerMetrics
 from lookout.store.db import Database
-from lookout.store.schema import day_of, day_table
+from lookout.store.schema import DAY_TABLES, column_types, day_of, day_table
 
 Job = Callable[[], int]
 # Told what a transaction stored, after its commit: (spans, logs, events, job runs).
@@ -101,6 +101,10 @@ class Writer:
         self._event_keys = RecentKeys(window_s=7 * 86400)
         self._batch_keys = RecentKeys(window_s=86400)
         self._series: set[int] = set()
+        self._unnest = {
+            signal: ", ".join(f"unnest(?::{kind}[])" for kind in column_types(signal))
+            for signal in DAY_TABLES
+        }
         self._issues: set[str] = set()
         self._load_known()
         self._thread = threading.Thread(target=self._run, name="lookout-writer", daemon=True)
@@ -325,9 +329,11 @@ class Writer:
         for day, day_rows in by_day.items():
             if self.database.ensure_partition(signal, day):
                 new_partitions[signal].add(day)
-            marks = ",".join("?" * len(day_rows[0]))
+            # Columnar: one list parameter per column, zipped by unnest. Dozens of times
+            # faster than executemany, which binds and runs one statement per row.
+            columns = [list(values) for values in zip(*day_rows, strict=True)]
             table = day_table(signal, day)  # from our signal names and a date: not input
-            connection.executemany(f"INSERT INTO {table} VALUES ({marks})", day_rows)
+            connection.execute(f"INSERT INTO {table} SELECT {self._unnest[signal]}", columns)
         self.metrics.records.labels(signal).inc(len(rows))
 
     def _write_spans(
