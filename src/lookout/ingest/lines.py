@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from lookout.errors import IngestError
@@ -46,9 +46,13 @@ def _timestamp(value: Any) -> int | None:
         return None
     if isinstance(value, str):
         try:
-            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        # Whole seconds and microseconds apart: a float would lose the last digits.
+        return int(moment.timestamp()) * 10**9 + moment.microsecond * 1000
     return None
 
 

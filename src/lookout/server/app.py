@@ -93,7 +93,10 @@ def main_app(runtime: ServerRuntime) -> Starlette:
         Route("/api/lookout/series", api.raw_series),
         Route("/api/lookout/job-runs", api.list_job_runs),
     ]
-    shipped = [Route("/api/lookout/lines", intake.shipped_lines, methods=["POST"])]
+    shipped = [
+        Route("/api/lookout/lines", intake.shipped_lines, methods=["POST"]),
+        Route("/loki/api/v1/push", intake.loki_push, methods=["POST"]),
+    ]
     health = [Route("/healthz", healthz), Route("/readyz", readyz)]
     return _app(runtime, [*health, *_otlp_routes(runtime), *sentry, *shipped, *read])
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lookout.errors import IngestError, StoreBusyError, StoreError
-from lookout.ingest import lines, otlp, sentry
+from lookout.ingest import lines, loki, otlp, sentry
 from lookout.ingest import metrics as otlp_metrics
 from lookout.ingest.bodies import decompress
 from lookout.model import Batch
@@ -172,3 +172,23 @@ async def shipped_lines(request: Request) -> Response:
         return JSONResponse({"accepted": written, "rejected": outcome.rejected})
 
     return await _guarded(request, "lines", handle)
+
+
+async def loki_push(request: Request) -> Response:
+    """Loki's push API: JSON or snappy protobuf; answers 204 like Loki."""
+
+    async def handle(runtime: ServerRuntime) -> Response:
+        body = await _body(request, runtime)
+        outcome = loki.read_push(
+            body,
+            request.headers.get("content-type", "application/x-protobuf"),
+            request.headers.get("x-scope-orgid"),
+            runtime.limits,
+            time.time_ns(),
+        )
+        for reason, count in outcome.reasons.items():
+            runtime.metrics.rejected.labels("logs", reason).inc(count)
+        await runtime.store(Batch(logs=outcome.records))
+        return Response(status_code=204)
+
+    return await _guarded(request, "loki_push", handle)

@@ -100,6 +100,7 @@ class Writer:
         self._span_keys = RecentKeys()
         self._event_keys = RecentKeys(window_s=7 * 86400)
         self._batch_keys = RecentKeys(window_s=86400)
+        self._entry_keys = RecentKeys()  # Loki entries: labels + timestamp + line
         self._series: set[int] = set()
         self._unnest = {
             signal: ", ".join(f"unnest(?::{kind}[])" for kind in column_types(signal))
@@ -131,6 +132,11 @@ class Writer:
             [now - self._batch_keys.window_ns],
         ).fetchall()
         self._batch_keys.add_all((r[0] for r in rows), now)
+        rows = connection.execute(
+            "SELECT source FROM logs WHERE source LIKE 'loki:%' AND ingested_ns >= ?",
+            [now - self._entry_keys.window_ns],
+        ).fetchall()
+        self._entry_keys.add_all((r[0] for r in rows), now)
 
     # -- the public face ---------------------------------------------------------------
     def start(self) -> None:
@@ -252,6 +258,7 @@ class Writer:
         staged_span_keys: list[str] = []
         staged_event_keys: list[str] = []
         staged_batch_keys: list[str] = []
+        staged_entry_keys: list[str] = []
         new_series: set[int] = set()
         new_issues: set[str] = set()
         with database.lock:
@@ -268,7 +275,7 @@ class Writer:
                         staged_batch_keys.append(key)
                     count = 0
                     count += self._write_spans(batch.spans, now, new_partitions, staged_span_keys)
-                    count += self._write_logs(batch.logs, now, new_partitions)
+                    count += self._write_logs(batch.logs, now, new_partitions, staged_entry_keys)
                     count += self._write_samples(batch.samples, now, new_partitions, new_series)
                     count += self._write_events(
                         batch.events, now, new_partitions, staged_event_keys, new_issues
@@ -291,6 +298,7 @@ class Writer:
         self._event_keys.add_all(staged_event_keys, now)
         self._notify(batches, written, set(staged_span_keys), set(staged_event_keys))
         self._batch_keys.add_all(staged_batch_keys, now)
+        self._entry_keys.add_all(staged_entry_keys, now)
         total = sum(written)
         self.metrics.commit_batch_rows.observe(total)
         self.metrics.commit_seconds.observe(time.perf_counter() - began)
@@ -375,7 +383,20 @@ class Writer:
             self._insert("spans", rows, days, parts)
         return len(rows)
 
-    def _write_logs(self, logs: list[LogRecord], now: int, parts: dict[str, set[str]]) -> int:
+    def _write_logs(
+        self, logs: list[LogRecord], now: int, parts: dict[str, set[str]], staged: list[str]
+    ) -> int:
+        seen = set(staged)
+        kept = []
+        for record in logs:
+            if record.source.startswith("loki:"):
+                if record.source in self._entry_keys or record.source in seen:
+                    self.metrics.duplicates.labels("logs").inc()
+                    continue
+                seen.add(record.source)
+                staged.append(record.source)
+            kept.append(record)
+        logs = kept
         rows = [
             (
                 r.ts_ns,
