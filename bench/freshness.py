@@ -12,27 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 
 import httpx
 
+from _server import lookout_server
+
 TARGET_P95_S = 2.0
 SENDERS = 8
 PER_REQUEST = 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def batch(marker: str, count: int) -> bytes:
@@ -80,20 +72,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the JSON report")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lookout", "server", "--data-dir", tempfile.mkdtemp(),
-         "--port", str(port), "--otlp-port", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with lookout_server() as server:
+        url = server.url
         print("phase 1: sustained rate", file=sys.stderr, flush=True)
         sent, threads = run_load(url, args.seconds, None)
         for thread in threads:
@@ -126,9 +106,6 @@ def main() -> int:
                 time.sleep(0.2)
         for thread in threads:
             thread.join()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
     delays.sort()
     p95 = delays[int(len(delays) * 0.95) - 1] if delays else float("inf")
     report = {

@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from _server import lookout_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -48,33 +47,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the JSON report")
     parser.add_argument("--rate", type=int, default=1000, help="lines per second")
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
-    port = free_port()
-    data = tempfile.mkdtemp(prefix="lookout-runcost-")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lookout", "server", "--data-dir", data, "--port", str(port),
-         "--otlp-port", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with lookout_server() as server:
+        url = server.url
         runner = subprocess.Popen(
             [sys.executable, "-m", "lookout", "run", "--url", url, "--service", "bench",
              "--no-echo", "--", sys.executable, "-c", CHILD, str(args.rate), str(args.seconds)],
@@ -104,12 +84,9 @@ def main() -> int:
                 expected = int(logs[0]["attributes"]["sent"]) + 1
             else:
                 time.sleep(0.5)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
     import duckdb
 
-    with duckdb.connect(str(Path(data) / "lookout.duckdb"), read_only=True) as connection:
+    with duckdb.connect(str(server.data_dir / "lookout.duckdb"), read_only=True) as connection:
         row = connection.execute("SELECT count(*) FROM logs WHERE service = 'bench'").fetchone()
         stored = int(row[0]) if row else 0
     share = run_cpu / elapsed
