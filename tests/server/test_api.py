@@ -167,7 +167,8 @@ def test_job_runs(seeded: InProcess) -> None:
         ("GET", '/api/lookout/series?match=up{job=~"("}', 400, "bad_request"),
         ("GET", "/api/lookout/events", 400, "bad_request"),
         ("DELETE", "/api/lookout/logs", 405, "method_not_allowed"),
-        ("POST", "/v1/traces", 415, "unsupported_media_type"),
+        ("GET", "/v1/traces", 405, "method_not_allowed"),
+        ("POST", "/api/1/envelope/", 401, "unauthenticated"),
     ],
 )
 def test_every_error_has_the_one_json_shape(

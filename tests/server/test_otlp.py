@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from google.protobuf import json_format
+from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from lookout.ingest.metrics import metric_name
@@ -153,7 +154,15 @@ def test_malformed_bodies_and_wrong_types_are_client_errors(served: InProcess) -
             headers["content-encoding"] = encoding
         response = served.client.post("/v1/traces", content=body, headers=headers)
         assert response.status_code == status, (body, response.text)
-        assert set(response.json()["error"]) == {"status", "code", "message"}
+        # OTLP/HTTP: the error body is a google.rpc.Status, encoded like the request.
+        if content_type == "application/json":
+            assert response.headers["content-type"] == "application/json"
+            error = json_format.Parse(response.text, status_pb2.Status())
+        else:
+            assert response.headers["content-type"] == "application/x-protobuf"
+            error = status_pb2.Status.FromString(response.content)
+        assert error.code == 3
+        assert error.message
 
 
 def _metric_request(metric: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -57,8 +58,17 @@ async def _body(request: Request, runtime: ServerRuntime) -> bytes:
     return decompress(b"".join(parts), request.headers.get("content-encoding", ""), limit)
 
 
+class ErrorBody(Protocol):
+    def __call__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> Response: ...
+
+
 async def _guarded(
-    request: Request, endpoint: str, handle: Callable[[ServerRuntime], Awaitable[Response]]
+    request: Request,
+    endpoint: str,
+    handle: Callable[[ServerRuntime], Awaitable[Response]],
+    error_response: ErrorBody = error_response,
 ) -> Response:
     runtime = _runtime(request)
     try:
@@ -73,9 +83,9 @@ async def _guarded(
         response = error_response(400, "malformed", message[:500])
     except StoreBusyError as exc:
         runtime.metrics.rejected.labels(endpoint, "busy").inc()
-        response = error_response(503, "busy", str(exc), headers={"Retry-After": "1"})
+        response = error_response(503, "busy", str(exc), {"Retry-After": "1"})
     except StoreError as exc:
-        response = error_response(503, "store_unavailable", str(exc), headers={"Retry-After": "5"})
+        response = error_response(503, "store_unavailable", str(exc), {"Retry-After": "5"})
     runtime.metrics.requests.labels(endpoint, str(response.status_code)).inc()
     return response
 
@@ -103,9 +113,34 @@ def otlp_route(signal: str) -> Callable[[Request], Awaitable[Response]]:
                 media_type="application/json" if as_json else "application/x-protobuf",
             )
 
-        return await _guarded(request, f"otlp_{signal}", handle)
+        as_json = otlp.is_json(request.headers.get("content-type", ""))
+        return await _guarded(request, f"otlp_{signal}", handle, otlp_error(as_json))
 
     return handle_request
+
+
+# google.rpc.Code for the statuses the OTLP routes answer with.
+_RPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 413: 8, 415: 3, 429: 8, 503: 14}
+
+
+def otlp_error(as_json: bool) -> ErrorBody:
+    """OTLP/HTTP's error body: a google.rpc.Status, protobuf or JSON like the request."""
+
+    def render(
+        status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> Response:
+        from google.protobuf import json_format
+        from google.rpc import status_pb2
+
+        body = status_pb2.Status(code=_RPC_CODES.get(status, 2), message=f"{code}: {message}")
+        if as_json:
+            content = json_format.MessageToJson(body, indent=None)
+            return Response(content, status, headers, media_type="application/json")
+        return Response(
+            body.SerializeToString(), status, headers, media_type="application/x-protobuf"
+        )
+
+    return render
 
 
 def _authenticate(request: Request, runtime: ServerRuntime, project_id: int) -> None:
