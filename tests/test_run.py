@@ -233,3 +233,31 @@ def test_usage_error_without_a_command() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_scrape_auto_registers_the_sdks_metrics_endpoint(server: RunningServer) -> None:
+    """The SDK reports its metrics address at start; `--scrape auto` makes it a target."""
+    child = (
+        "import time, lookout.sdk\n"
+        "lookout.sdk.init('fleet-sim', traces_exporter='none')\n"
+        "lookout.sdk.gauge('active_buses', 'Buses.').set(7)\n"
+        "time.sleep(30)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lookout", "run", "--url", server.url, "--service", "fleet-sim",
+         "--scrape", "auto", "--no-echo", "--", sys.executable, "-c", child],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def gauge() -> list[dict[str, object]]:
+            return list(httpx.get(f"{server.url}/api/lookout/series",
+                                  params={"match": 'active_buses{job="fleet-sim"}'}, timeout=5).json()["series"])  # fmt: skip
+
+        (series,) = wait_until(gauge, 20, "the child's gauge, scraped")
+        samples = series["samples"]
+        assert isinstance(samples, list)
+        assert samples[-1]["value"] == 7.0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)

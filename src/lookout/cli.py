@@ -89,7 +89,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     url = args.url or os.environ.get("LOOKOUT_URL") or "http://127.0.0.1:8686"
     token = args.token or os.environ.get("LOOKOUT_TOKEN") or None
-    return run(RunOptions(command, url, token, args.service, echo=not args.no_echo))
+    options = RunOptions(
+        command, url, token, args.service, echo=not args.no_echo, scrape=args.scrape
+    )
+    return run(options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,12 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run a command and ship its stdout and stderr lines to the server",
-        usage="lookout run [--service NAME] [--url URL] [--token TOKEN] [--no-echo] -- CMD ...",
+        usage="lookout run [--service NAME] [--scrape auto|URL] [--url URL] [--token TOKEN] "
+        "[--no-echo] -- CMD ...",
     )
     run.add_argument("--service", help="service name of the lines (default: the command's name)")
     run.add_argument("--url", help="server URL (default: LOOKOUT_URL, else http://127.0.0.1:8686)")
     run.add_argument("--token", help="ingest credential (default: LOOKOUT_TOKEN)")
     run.add_argument("--no-echo", action="store_true", help="do not copy the lines to our output")
+    run.add_argument(
+        "--scrape",
+        metavar="auto|URL",
+        help="register the child's metrics as a scrape target: `auto` takes the address the "
+        "SDK reports at start, a URL is registered as given",
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     run.set_defaults(func=_cmd_run)
     return parser

@@ -8,6 +8,7 @@ with secrets redacted.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from lookout.errors import ConfigError
+from lookout.ingest.scrape import ScrapeConfig, parse_scrape_configs
 
 REDACTED = "***"
 
@@ -42,6 +44,7 @@ class ServerConfig:
     scrub_key: str = "lookout-insecure-default-key"
     self_observe_interval_s: float = 15.0
     trace_ingest: bool = False
+    scrape_configs: tuple[ScrapeConfig, ...] = ()
 
 
 # key -> (environment variable, meaning) for docs/server.md and --print-config.
@@ -68,6 +71,10 @@ KEYS: dict[str, tuple[str, str]] = {
     "trace_ingest": (
         "LOOKOUT_TRACE_INGEST",
         "record spans of the ingest routes, straight to the store",
+    ),
+    "scrape_configs": (
+        "LOOKOUT_SCRAPE_CONFIGS",
+        "Prometheus `scrape_configs` (the subset in this page); the variable takes them as JSON",
     ),
 }
 SECRET_KEYS = ("scrub_key",)
@@ -154,7 +161,17 @@ _PARSERS: dict[str, Any] = {
     "scrub_key": str,
     "self_observe_interval_s": lambda v: _positive("self_observe_interval_s", v),
     "trace_ingest": lambda v: _bool("trace_ingest", v),
+    "scrape_configs": lambda v: parse_scrape_configs(_json_or_value("scrape_configs", v)),
 }
+
+
+def _json_or_value(key: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(key, value[:80], "a JSON list of scrape jobs") from exc
 
 
 def _unknown(key: str) -> ConfigError:
@@ -209,5 +226,7 @@ def redacted(config: ServerConfig) -> dict[str, Any]:
             value = [{"id": p.id, "name": p.name, "keys": [REDACTED] * len(p.keys)} for p in value]
         elif isinstance(value, Path):
             value = str(value)
+        elif item.name == "scrape_configs":
+            value = [c.job_name for c in value]
         out[item.name] = value
     return out

@@ -10,6 +10,7 @@ child, and the exit code is the child's own, or 128+N when signal N killed it.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,7 @@ class RunOptions:
     service: str | None = None
     echo: bool = True
     buffer_lines: int = BUFFER_LINES
+    scrape: str | None = None  # "auto": the SDK's reported metrics address; or a URL
 
 
 class MultilineJoiner:
@@ -229,12 +231,50 @@ class Shipper:
             print(f"lookout run: {message}", file=sys.stderr, flush=True)
 
 
-def _reader(
+class ScrapeRegistrar:
+    """Registers the child's metrics endpoint as a scrape target (`POST /api/targets`).
+
+    With `--scrape auto` it waits for the SDK's `lookout_sdk_started` line, which reports
+    `metrics_url`; with `--scrape URL` it registers that URL at once.
+    """
+
+    def __init__(self, shipper: Shipper, mode: str | None) -> None:
+        self.shipper = shipper
+        self.auto = mode == "auto"
+        self.done = mode is None
+        if mode not in (None, "auto"):
+            self.register(mode)
+
+    def watch(self, text: str) -> None:
+        if self.done or not self.auto or "lookout_sdk_started" not in text:
+            return
+        try:
+            url = json.loads(text).get("metrics_url")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(url, str) and url:
+            self.register(url)
+
+    def register(self, url: str) -> None:
+        parsed = httpx.URL(url)
+        address = f"{parsed.host}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
+        body = {"job": self.shipper.service, "targets": [address],
+                "labels": {"lookout_run_source": self.shipper.source}}  # fmt: skip
+        endpoint = self.shipper.options.url.rstrip("/") + "/api/targets"
+        try:
+            response = self.shipper.client.post(endpoint, json=body)
+            self.done = response.status_code < 300
+        except httpx.HTTPError as exc:
+            self.shipper._warn(f"cannot register scrape target {address}: {exc}")
+
+
+def _reader(  # noqa: PLR0917 - a thread target takes its arguments positionally
     stream: IO[bytes],
     name: str,
     buffer: Buffer,
     echo: StdoutSink | None,
     joiner: MultilineJoiner,
+    registrar: ScrapeRegistrar | None = None,
 ) -> None:
     """Drain one pipe of the child, as fast as it writes."""
     for raw in iter(stream.readline, b""):
@@ -242,6 +282,8 @@ def _reader(
             # A stalled reader of our own output costs dropped echo lines, never a stall.
             echo.msg(raw.rstrip(b"\r\n"))
         text = raw[:MAX_LINE_BYTES].decode("utf-8", "replace").rstrip("\r\n")
+        if registrar is not None:
+            registrar.watch(text)
         done = joiner.feed(Line(time.time_ns(), name, text))
         if done is not None:
             buffer.put(done)
@@ -256,6 +298,7 @@ def run(options: RunOptions) -> int:
     buffer = Buffer(options.buffer_lines)
     joiners = (MultilineJoiner(), MultilineJoiner())
     shipper = Shipper(options, buffer, service, joiners)
+    registrar = ScrapeRegistrar(shipper, options.scrape)
     env = {**os.environ, "OTEL_SERVICE_NAME": os.environ.get("OTEL_SERVICE_NAME", service)}
     try:
         child = subprocess.Popen(  # noqa: S603 - running the user's command is the point
@@ -279,7 +322,9 @@ def run(options: RunOptions) -> int:
             StdoutSink(lambda _: None, stream="stderr"),
         )
     readers = [
-        threading.Thread(target=_reader, args=(pipe, name, buffer, echo, joiner), daemon=True)
+        threading.Thread(
+            target=_reader, args=(pipe, name, buffer, echo, joiner, registrar), daemon=True
+        )
         for pipe, name, echo, joiner in (
             (child.stdout, "stdout", echoes[0], joiners[0]),
             (child.stderr, "stderr", echoes[1], joiners[1]),

@@ -121,3 +121,36 @@ def test_a_store_from_a_newer_version_stops_startup_with_both_versions(tmp_path:
     assert result.returncode == 1
     assert f"schema version 42, newer than this lookout's {SCHEMA_VERSION}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_running_server_scrapes_its_configured_targets(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    from tests.support import free_port, wait_until
+
+    registry = CollectorRegistry()
+    Gauge("active_buses", "Buses.", registry=registry).set(12)
+    port = free_port()
+    target, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    jobs = [{"job_name": "fleet", "scrape_interval": "1s",
+             "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]  # fmt: skip
+    running = start_server(tmp_path / "data", env={"LOOKOUT_SCRAPE_CONFIGS": json.dumps(jobs)})
+    try:
+
+        def scraped() -> list[dict[str, object]]:
+            return list(httpx.get(f"{running.url}/api/lookout/series",
+                                  params={"match": 'active_buses{job="fleet"}'}, timeout=5).json()["series"])  # fmt: skip
+
+        (series,) = wait_until(scraped, 15, "the target's series")
+        assert series["labels"]["instance"] == f"127.0.0.1:{port}"
+        view = httpx.get(f"{running.url}/api/v1/targets", timeout=5).json()
+        (active,) = view["data"]["activeTargets"]
+        assert (active["health"], active["scrapePool"], active["scrapeUrl"]) == (
+            "up",
+            "fleet",
+            f"http://127.0.0.1:{port}/metrics",
+        )
+    finally:
+        running.stop()
+        target.shutdown()
+        target.server_close()

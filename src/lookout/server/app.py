@@ -69,6 +69,40 @@ def _app(runtime: ServerRuntime, routes: list[Route]) -> Starlette:
     return app
 
 
+async def targets(request: Request) -> Response:
+    """Prometheus's `/api/v1/targets`: each target's health, last error and last scrape."""
+    scraper = getattr(request.app.state, "scraper", None)
+    if scraper is None:
+        return JSONResponse(
+            {"status": "success", "data": {"activeTargets": [], "droppedTargets": []}}
+        )
+    return JSONResponse(scraper.targets_view())
+
+
+async def register_targets(request: Request) -> Response:
+    """`POST /api/targets {"job", "targets": ["host:port"], "labels"}`: write a file_sd file."""
+    from lookout.server.scraper import write_targets
+
+    runtime: ServerRuntime = request.app.state.runtime
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "malformed", "The body must be JSON.")
+    job, listed = (
+        body.get("job") if isinstance(body, dict) else None,
+        body.get("targets") if isinstance(body, dict) else None,
+    )
+    if not isinstance(job, str) or not job.replace("-", "").replace("_", "").isalnum():
+        return error_response(400, "malformed", "`job` must be a name of letters, digits, - and _.")
+    if not isinstance(listed, list) or not all(isinstance(t, str) and ":" in t for t in listed):
+        return error_response(400, "malformed", "`targets` must be a list of host:port.")
+    labels = body.get("labels") or {}
+    if not isinstance(labels, dict):
+        return error_response(400, "malformed", "`labels` must be a mapping.")
+    write_targets(runtime, job, listed, {str(k): str(v) for k, v in labels.items()})
+    return JSONResponse({"job": job, "targets": listed}, status_code=201)
+
+
 def main_app(runtime: ServerRuntime) -> Starlette:
     """Port 8686: health, OTLP, Sentry and the read API (one port behind a proxy)."""
     sentry = [
@@ -98,7 +132,11 @@ def main_app(runtime: ServerRuntime) -> Starlette:
         Route("/loki/api/v1/push", intake.loki_push, methods=["POST"]),
     ]
     health = [Route("/healthz", healthz), Route("/readyz", readyz)]
-    return _app(runtime, [*health, *_otlp_routes(runtime), *sentry, *shipped, *read])
+    scraping = [
+        Route("/api/v1/targets", targets),
+        Route("/api/targets", register_targets, methods=["POST"]),
+    ]
+    return _app(runtime, [*health, *_otlp_routes(runtime), *sentry, *shipped, *scraping, *read])
 
 
 def otlp_app(runtime: ServerRuntime) -> Starlette:

@@ -18,6 +18,7 @@ import lookout.sdk
 from lookout.config import ServerConfig
 from lookout.server.app import main_app, otlp_app
 from lookout.server.runtime import ServerRuntime
+from lookout.server.scraper import Scraper
 from lookout.server.selfobserve import compact_forever, observe_forever
 
 
@@ -54,7 +55,8 @@ async def serve(config: ServerConfig) -> int:
     )
     log = lookout.sdk.get_logger("lookout.server")
     runtime = ServerRuntime.open(config)
-    servers = [_uvicorn(main_app(runtime), config.host, config.port)]
+    app = main_app(runtime)
+    servers = [_uvicorn(app, config.host, config.port)]
     if config.otlp_port:
         servers.append(_uvicorn(otlp_app(runtime), config.host, config.otlp_port))
     loop = asyncio.get_running_loop()
@@ -68,6 +70,9 @@ async def serve(config: ServerConfig) -> int:
     instance = f"{config.host}:{config.port}"
     observer = asyncio.create_task(observe_forever(runtime, instance))
     compactor = asyncio.create_task(compact_forever(runtime))
+    scraper = Scraper(runtime, config.scrape_configs)
+    app.state.scraper = scraper  # /api/v1/targets reads its view
+    scraping = asyncio.create_task(scraper.run())
     log.info(
         "lookout_server_started",
         url=f"http://{config.host}:{config.port}",
@@ -78,7 +83,7 @@ async def serve(config: ServerConfig) -> int:
     try:
         await asyncio.gather(*(server.serve() for server in servers))
     finally:
-        for task in (observer, compactor):
+        for task in (observer, compactor, scraping):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
