@@ -205,3 +205,77 @@ def test_targets_endpoint_has_prometheus_shape_without_a_scraper(served: InProce
         "status": "success",
         "data": {"activeTargets": [], "droppedTargets": []},
     }
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("text.prom", "text/plain; version=0.0.4"),
+        ("openmetrics.txt", "application/openmetrics-text; version=1.0.0"),
+    ],
+)
+def test_the_fast_parser_agrees_with_prometheus_client(name: str, content_type: str) -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
+    from prometheus_client.parser import text_string_to_metric_families as prom
+
+    from lookout.ingest.scrape import _parse_simple
+
+    text = (FIXTURES / name).read_text()
+    library = [
+        (s.name, dict(s.labels), s.value, None if getattr(s, "exemplar", None) is None
+         else {**s.exemplar.labels, "value": s.exemplar.value})
+        for family in (om if "openmetrics" in content_type else prom)(text)
+        for s in family.samples
+    ]  # fmt: skip
+    fast = _parse_simple(text)
+
+    def comparable(rows: Any) -> list[Any]:
+        return [(n, labels, "NaN" if math.isnan(v) else v, e) for n, labels, v, e in rows]
+
+    assert comparable(fast) == comparable(library)
+
+
+def test_unusual_text_falls_back_to_the_library_parser() -> None:
+    text = 'm{path="/a}b"} 1\n'  # a `}` inside a label value: not the fast shape
+    assert parse_exposition(text, "text/plain") == [("m", {"path": "/a}b"}, 1.0, None)]
+    with pytest.raises(ValueError, match=r"\S"):
+        parse_exposition("not an exposition at all {\n", "text/plain")
+
+
+def test_a_series_that_disappears_and_a_removed_target_are_marked_stale(
+    served: InProcess, tmp_path: Path
+) -> None:
+    registry = CollectorRegistry()
+    kept = Counter("kept", "Stays.", registry=registry)
+    gone = Counter("gone", "Goes away.", registry=registry)
+    kept.inc()
+    gone.inc()
+    port = free_port()
+    target = _toy_target(registry, port)
+    sd = tmp_path / "sd.json"
+    sd.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"]}]))
+    (config,) = parse_scrape_configs(
+        [{"job_name": "toy", "file_sd_configs": [{"files": [str(sd)]}]}]
+    )
+    scraper = Scraper(served.runtime, (config,))
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scraper.refresh())
+        for task in scraper._tasks.values():
+            task.cancel()
+        (tgt,) = scraper.targets.values()
+        loop.run_until_complete(scraper.scrape_once(tgt))
+        registry.unregister(gone)
+        loop.run_until_complete(scraper.scrape_once(tgt))
+        assert _series(served, 'gone_total{job="toy"}')[0]["samples"][-1]["value"] == "NaN"
+        assert _series(served, 'kept_total{job="toy"}')[0]["samples"][-1]["value"] == 1.0
+        sd.write_text("[]")  # the target is removed from discovery
+        loop.run_until_complete(scraper.refresh())
+        assert scraper.targets == {}
+        assert _series(served, 'kept_total{job="toy"}')[0]["samples"][-1]["value"] == "NaN"
+        assert _series(served, 'up{job="toy"}')[0]["samples"][-1]["value"] == "NaN"
+    finally:
+        target.shutdown()
+        target.server_close()
+        loop.run_until_complete(scraper.client.aclose())
+        loop.close()

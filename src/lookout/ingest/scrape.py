@@ -219,10 +219,63 @@ def targets_of(config: ScrapeConfig) -> tuple[list[Target], list[dict[str, str]]
     return active, dropped
 
 
+_SAMPLE_LINE = re.compile(
+    r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?[ \t]+([^ \t#]+)(?:[ \t]+[^ \t#]+)?"
+    r"(?:[ \t]+#[ \t]+(\{[^}]*\})[ \t]+([^ \t]+)(?:[ \t]+[^ \t]+)?)?[ \t]*"
+)
+_LABEL_PAIR = re.compile(
+    r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.)*)"[ \t]*(,|$)'
+)
+_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
+
+
+class _NotSimpleError(ValueError):
+    """A line the fast parser does not take; the library parser reads the whole text."""
+
+
+def _labels_of(body: str | None) -> dict[str, str]:
+    if not body:
+        return {}
+    inner, position, labels = body[1:-1], 0, {}
+    while position < len(inner):
+        match = _LABEL_PAIR.match(inner, position)
+        if not match or match.end() == position:
+            raise _NotSimpleError(body)
+        value = match[2]
+        if "\\" in value:
+            value = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], "\\" + m[1]), value)
+        labels[match[1]] = value
+        position = match.end()
+    return labels
+
+
+def _parse_simple(text: str) -> list[tuple[str, dict[str, str], float, dict[str, Any] | None]]:
+    """The common shape of both formats, a line at a time, several times faster than
+    prometheus_client's parser; anything unusual raises _NotSimpleError."""
+    out = []
+    for line in text.split("\n"):
+        if not line or line[0] == "#":
+            if line.startswith("# EOF"):
+                break
+            continue
+        match = _SAMPLE_LINE.fullmatch(line)
+        if match is None:
+            raise _NotSimpleError(line)
+        exemplar = None
+        if match[4] is not None:
+            exemplar = {**_labels_of(match[4]), "value": float(match[5])}
+        out.append((match[1], _labels_of(match[2]), float(match[3]), exemplar))
+    return out
+
+
 def parse_exposition(
     text: str, content_type: str
 ) -> list[tuple[str, dict[str, str], float, dict[str, Any] | None]]:
     """(name, labels, value, exemplar) of every sample, OpenMetrics or Prometheus text."""
+    try:
+        return _parse_simple(text)
+    except (_NotSimpleError, ValueError):
+        pass  # prometheus_client's parser reads what the fast path leaves, or says why not
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
     from prometheus_client.parser import text_string_to_metric_families as prometheus_text
 

@@ -43,7 +43,7 @@ class Health:
     last_error: str = ""
     last_scrape_ns: int = 0
     last_duration_s: float = 0.0
-    series: set[tuple[str, str]] = field(default_factory=set)  # (name, labels json)
+    series: set[tuple[str, tuple[tuple[str, str], ...]]] = field(default_factory=set)
 
 
 def file_sd_dir(runtime: ServerRuntime) -> Path:
@@ -144,7 +144,7 @@ class Scraper:
         except (httpx.HTTPError, ValueError) as exc:
             error = str(exc) or type(exc).__name__
         duration = time.perf_counter() - began
-        seen = {(s.name, json.dumps(sorted(s.labels.items()))) for s in samples}
+        seen = {(s.name, tuple(sorted(s.labels.items()))) for s in samples}
         added = len(seen - health.series)
         vanished = health.series - seen
         health.series = seen
@@ -162,11 +162,13 @@ class Scraper:
         await self.runtime.store(Batch(samples=[*samples, *own, *stale]))
 
     @staticmethod
-    def _stale_samples(series: set[tuple[str, str]], ts_ms: int) -> list[Sample]:
-        return [Sample(name, dict(json.loads(labels)), ts_ms, STALE_NAN) for name, labels in series]
+    def _stale_samples(
+        series: set[tuple[str, tuple[tuple[str, str], ...]]], ts_ms: int
+    ) -> list[Sample]:
+        return [Sample(name, dict(labels), ts_ms, STALE_NAN) for name, labels in series]
 
     async def _write_stale(
-        self, target: Target, series: set[tuple[str, str]], *, up_too: bool
+        self, target: Target, series: set[tuple[str, tuple[tuple[str, str], ...]]], *, up_too: bool
     ) -> None:
         ts_ms = time.time_ns() // 1_000_000
         samples = self._stale_samples(series, ts_ms)

@@ -34,6 +34,7 @@ OnCommit = Callable[[list[Span], list[LogRecord], list[ErrorEvent], list[JobRun]
 DEDUP_WINDOW_S = 3600
 QUEUE_REQUESTS = 1000
 GROUP_MAX_ROWS = 20_000
+SERIES_ID_CACHE = 1_000_000
 
 
 def series_id(name: str, labels: dict[str, str]) -> int:
@@ -102,6 +103,8 @@ class Writer:
         self._batch_keys = RecentKeys(window_s=86400)
         self._entry_keys = RecentKeys()  # Loki entries: labels + timestamp + line
         self._series: set[int] = set()
+        # (name, sorted labels) -> series id: hashing each scraped sample again is costly.
+        self._series_ids: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         self._unnest = {
             signal: ", ".join(f"unnest(?::{kind}[])" for kind in column_types(signal))
             for signal in DAY_TABLES
@@ -423,21 +426,36 @@ class Writer:
     ) -> int:
         if not samples:
             return 0
-        connection = self.database.connection
         rows, days = [], []
+        fresh: list[tuple[int, str, str, int]] = []
+        ids = self._series_ids
+        day_cache: dict[int, str] = {}
         for s in samples:
-            sid = series_id(s.name, s.labels)
+            key = (s.name, tuple(sorted(s.labels.items())))
+            sid = ids.get(key)
+            if sid is None:
+                sid = series_id(s.name, s.labels)
+                if len(ids) < SERIES_ID_CACHE:
+                    ids[key] = sid
             if sid not in self._series:
-                labels = {"__name__": s.name, **s.labels}
-                connection.execute(
-                    "INSERT INTO series VALUES (?, ?, ?, ?)", [sid, s.name, _json(labels), now]
-                )
+                fresh.append((sid, s.name, _json({"__name__": s.name, **s.labels}), now))
                 self._series.add(sid)
                 new_series.add(sid)
             rows.append(
                 (sid, s.ts_ms, s.value, None if s.exemplar is None else _json(s.exemplar), now)
             )
-            days.append(day_of("samples", s.ts_ms))
+            minute = s.ts_ms // 60_000  # one day lookup per minute of timestamps
+            day = day_cache.get(minute)
+            if day is None:
+                day = day_cache[minute] = day_of("samples", s.ts_ms)
+            days.append(day)
+        if fresh:  # new series in one columnar insert, as the samples go
+            columns = [list(values) for values in zip(*fresh, strict=True)]
+            self.database.connection.execute(
+                "INSERT INTO series SELECT unnest(?::UBIGINT[]), unnest(?::VARCHAR[]), "
+                "unnest(?::JSON[]), unnest(?::BIGINT[])",
+                columns,
+            )
         self._insert("samples", rows, days, parts)
         return len(rows)
 
