@@ -229,6 +229,10 @@ _LABEL_PAIR = re.compile(
 _ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
 
 
+# (name, labels, value, exemplar) of each scraped sample.
+ParsedSamples = list[tuple[str, dict[str, str], float, dict[str, Any] | None]]
+
+
 class _NotSimpleError(ValueError):
     """A line the fast parser does not take; the library parser reads the whole text."""
 
@@ -249,7 +253,7 @@ def _labels_of(body: str | None) -> dict[str, str]:
     return labels
 
 
-def _parse_simple(text: str) -> list[tuple[str, dict[str, str], float, dict[str, Any] | None]]:
+def _parse_simple(text: str) -> ParsedSamples:
     """The common shape of both formats, a line at a time, several times faster than
     prometheus_client's parser; anything unusual raises _NotSimpleError."""
     out = []
@@ -268,19 +272,21 @@ def _parse_simple(text: str) -> list[tuple[str, dict[str, str], float, dict[str,
     return out
 
 
-def parse_exposition(
-    text: str, content_type: str
-) -> list[tuple[str, dict[str, str], float, dict[str, Any] | None]]:
+def parse_exposition(text: str, content_type: str) -> ParsedSamples:
     """(name, labels, value, exemplar) of every sample, OpenMetrics or Prometheus text."""
     try:
         return _parse_simple(text)
-    except (_NotSimpleError, ValueError):
-        pass  # prometheus_client's parser reads what the fast path leaves, or says why not
+    except ValueError:  # _NotSimpleError, or a number float() refuses
+        # prometheus_client's parser reads what the fast path leaves, or says why not.
+        return _parse_with_library(text, content_type)
+
+
+def _parse_with_library(text: str, content_type: str) -> ParsedSamples:
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
     from prometheus_client.parser import text_string_to_metric_families as prometheus_text
 
     parse: Any = openmetrics if "openmetrics" in content_type else prometheus_text
-    out = []
+    out: ParsedSamples = []
     for family in parse(text):
         for sample in family.samples:
             exemplar = None
@@ -291,7 +297,7 @@ def parse_exposition(
 
 
 def to_samples(
-    parsed: list[tuple[str, dict[str, str], float, dict[str, Any] | None]],
+    parsed: ParsedSamples,
     target: Target,
     ts_ms: int,
 ) -> list[Sample]:
