@@ -261,3 +261,53 @@ def test_scrape_auto_registers_the_sdks_metrics_endpoint(server: RunningServer) 
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+_CUSTOM_PATH_CHILD = """
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        found = self.path == "/internal/prom"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(b"seats_left 41\\n" if found else b"")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_scrape_url_keeps_the_urls_path(server: RunningServer) -> None:
+    """`--scrape URL` scrapes that URL, not host:port/metrics."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lookout", "run", "--url", server.url, "--service", "seatmap",
+         "--scrape", f"http://127.0.0.1:{port}/internal/prom", "--no-echo", "--",
+         sys.executable, "-c", _CUSTOM_PATH_CHILD, str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def seats() -> list[dict[str, object]]:
+            return list(httpx.get(f"{server.url}/api/lookout/series",
+                                  params={"match": 'seats_left{job="seatmap"}'}, timeout=5).json()["series"])  # fmt: skip
+
+        (series,) = wait_until(seats, 30, "the gauge scraped from the URL's own path")
+        samples = series["samples"]
+        assert isinstance(samples, list)
+        assert samples[-1]["value"] == 41.0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_a_scrape_value_that_is_not_a_url_is_a_usage_error() -> None:
+    for value in ("/etc/prometheus.yml", "ftp://host:21/metrics", "http://"):
+        result = subprocess.run(
+            [sys.executable, "-m", "lookout", "run", "--scrape", value, "--", "true"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, value
+        assert "--scrape" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

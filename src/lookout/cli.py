@@ -76,7 +76,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
 
-    from lookout.run import RunOptions, run
+    from lookout.run import RunOptions, run, scrape_target
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -87,6 +87,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.scrape not in (None, "auto"):
+        try:
+            scrape_target(args.scrape)
+        except ValueError as exc:
+            print(f"lookout run: --scrape: {exc}", file=sys.stderr)
+            return 2
     url = args.url or os.environ.get("LOOKOUT_URL") or "http://127.0.0.1:8686"
     token = args.token or os.environ.get("LOOKOUT_TOKEN") or None
     options = RunOptions(

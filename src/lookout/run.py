@@ -256,16 +256,35 @@ class ScrapeRegistrar:
             self.register(url)
 
     def register(self, url: str) -> None:
-        parsed = httpx.URL(url)
-        address = f"{parsed.host}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
+        address, labels = scrape_target(url)
         body = {"job": self.shipper.service, "targets": [address],
-                "labels": {"lookout_run_source": self.shipper.source}}  # fmt: skip
+                "labels": {**labels, "lookout_run_source": self.shipper.source}}  # fmt: skip
         endpoint = self.shipper.options.url.rstrip("/") + "/api/targets"
         try:
             response = self.shipper.client.post(endpoint, json=body)
-            self.done = response.status_code < 300
         except httpx.HTTPError as exc:
-            self.shipper._warn(f"cannot register scrape target {address}: {exc}")
+            self.shipper._warn(f"cannot register scrape target {url}: {exc}")
+            return
+        self.done = response.status_code < 300
+        if not self.done:
+            self.shipper._warn(
+                f"the server refused scrape target {url}: {response.status_code} {response.text}"
+            )
+
+
+def scrape_target(url: str) -> tuple[str, dict[str, str]]:
+    """("host:port", file_sd labels keeping the URL's scheme and path) of a metrics URL;
+    ValueError names what is wrong with it."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{url!r} is not a URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r} is not an http(s)://host[:port][/path] URL")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    path = parsed.raw_path.decode("ascii") if parsed.path not in ("", "/") else "/metrics"
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    return f"{host}:{port}", {"__scheme__": parsed.scheme, "__metrics_path__": path}
 
 
 def _reader(  # noqa: PLR0917 - a thread target takes its arguments positionally
