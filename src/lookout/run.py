@@ -212,19 +212,19 @@ class Shipper:
         try:
             response = self.client.post(self.endpoint, json=body)
         except httpx.HTTPError as exc:
-            self._warn(f"cannot reach {self.endpoint}: {exc}")
+            self.warn(f"cannot reach {self.endpoint}: {exc}")
             return False
         if response.status_code >= 500 or response.status_code == 429:
-            self._warn(f"{self.endpoint} answered {response.status_code}; retrying")
+            self.warn(f"{self.endpoint} answered {response.status_code}; retrying")
             return False
         if response.status_code >= 400:
             # The batch itself is at fault (a line too long ...): retrying cannot help.
-            self._warn(f"{self.endpoint} refused a batch: {response.text[:200]}")
+            self.warn(f"{self.endpoint} refused a batch: {response.text[:200]}")
         self.seq += 1
         self.sent_lines += len(lines)
         return True
 
-    def _warn(self, message: str) -> None:
+    def warn(self, message: str) -> None:
         now = time.monotonic()
         if now - self.warned_at >= 60:
             self.warned_at = now
@@ -263,13 +263,12 @@ class ScrapeRegistrar:
         try:
             response = self.shipper.client.post(endpoint, json=body)
         except httpx.HTTPError as exc:
-            self.shipper._warn(f"cannot register scrape target {url}: {exc}")
+            self.shipper.warn(f"cannot register scrape target {url}: {exc}")
             return
         self.done = response.status_code < 300
         if not self.done:
-            self.shipper._warn(
-                f"the server refused scrape target {url}: {response.status_code} {response.text}"
-            )
+            refusal = f"{response.status_code} {response.text[:200]}"
+            self.shipper.warn(f"the server refused scrape target {url}: {refusal}")
 
 
 def scrape_target(url: str) -> tuple[str, dict[str, str]]:
