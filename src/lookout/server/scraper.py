@@ -35,6 +35,9 @@ from lookout.server.runtime import ServerRuntime
 ACCEPT = "application/openmetrics-text;version=1.0.0;q=0.9,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 REFRESH_S = 5.0
 FILE_SD_INTERVAL_S = 15.0
+# The series every scrape writes about itself, as Prometheus does.
+OWN_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added")
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Health:
     last_error: str = ""
     last_scrape_ns: int = 0
     last_duration_s: float = 0.0
-    series: set[tuple[str, tuple[tuple[str, str], ...]]] = field(default_factory=set)
+    series: set[SeriesKey] = field(default_factory=set)
 
 
 def file_sd_dir(runtime: ServerRuntime) -> Path:
@@ -114,7 +117,7 @@ class Scraper:
                 self._tasks.pop(key).cancel()
                 gone = self.targets.pop(key)
                 health = self.health.pop(key, Health())
-                await self._write_stale(gone, health.series, up_too=True)
+                await self._write_stale(gone, health.series)
         for key, target in wanted.items():
             if key not in self._tasks:
                 self.targets[key] = target
@@ -152,34 +155,23 @@ class Scraper:
         health.last_error = error
         health.last_scrape_ns = started_ns
         health.last_duration_s = duration
+        values = (0.0 if error else 1.0, duration, float(len(samples)), float(added))
         own = [
-            Sample("up", dict(target.labels), ts_ms, 0.0 if error else 1.0),
-            Sample("scrape_duration_seconds", dict(target.labels), ts_ms, duration),
-            Sample("scrape_samples_scraped", dict(target.labels), ts_ms, float(len(samples))),
-            Sample("scrape_series_added", dict(target.labels), ts_ms, float(added)),
+            Sample(name, dict(target.labels), ts_ms, value)
+            for name, value in zip(OWN_SERIES, values, strict=True)
         ]
         stale = self._stale_samples(vanished, ts_ms)
         await self.runtime.store(Batch(samples=[*samples, *own, *stale]))
 
     @staticmethod
-    def _stale_samples(
-        series: set[tuple[str, tuple[tuple[str, str], ...]]], ts_ms: int
-    ) -> list[Sample]:
+    def _stale_samples(series: set[SeriesKey], ts_ms: int) -> list[Sample]:
         return [Sample(name, dict(labels), ts_ms, STALE_NAN) for name, labels in series]
 
-    async def _write_stale(
-        self, target: Target, series: set[tuple[str, tuple[tuple[str, str], ...]]], *, up_too: bool
-    ) -> None:
+    async def _write_stale(self, target: Target, series: set[SeriesKey]) -> None:
+        """A vanished target: stale markers for its series and its own `up` and `scrape_*`."""
         ts_ms = time.time_ns() // 1_000_000
         samples = self._stale_samples(series, ts_ms)
-        if up_too:
-            for name in (
-                "up",
-                "scrape_duration_seconds",
-                "scrape_samples_scraped",
-                "scrape_series_added",
-            ):
-                samples.append(Sample(name, dict(target.labels), ts_ms, STALE_NAN))
+        samples.extend(Sample(name, dict(target.labels), ts_ms, STALE_NAN) for name in OWN_SERIES)
         with contextlib.suppress(StoreError):
             await self.runtime.store(Batch(samples=samples))
 
