@@ -18,10 +18,13 @@ from lookout.config import load
 from lookout.errors import ConfigError
 from lookout.ingest.scrape import (
     STALE_NAN,
+    SeriesCache,
     parse_exposition,
     parse_scrape_configs,
     relabel,
+    scrape_samples,
     targets_of,
+    to_samples,
 )
 from lookout.server.scraper import Scraper
 from tests.server.conftest import InProcess
@@ -240,6 +243,37 @@ def test_unusual_text_falls_back_to_the_library_parser() -> None:
     assert parse_exposition(text, "text/plain") == [("m", {"path": "/a}b"}, 1.0, None)]
     with pytest.raises(ValueError, match=r"\S"):
         parse_exposition("not an exposition at all {\n", "text/plain")
+
+
+@pytest.mark.parametrize("honor_labels", [False, True])
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("text.prom", "text/plain; version=0.0.4"),
+        ("openmetrics.txt", "application/openmetrics-text; version=1.0.0"),
+        ("unusual", "text/plain"),  # the library parser's path
+    ],
+)
+def test_a_scrape_through_the_series_cache_is_the_plain_parse(
+    name: str, content_type: str, honor_labels: bool
+) -> None:
+    text = (
+        'm{path="/a}b",job="theirs"} 1\nm{job="x"} 2\n'
+        if name == "unusual"
+        else (FIXTURES / name).read_text()
+    )
+    (config,) = parse_scrape_configs([{
+        "job_name": "cached", "honor_labels": honor_labels,
+        "static_configs": [{"targets": ["127.0.0.1:1"], "labels": {"instance": "theirs"}}],
+    }])  # fmt: skip
+    (target,), _ = targets_of(config)
+    plain = to_samples(parse_exposition(text, content_type), target, 7)
+    keys = {(s.name, tuple(sorted(s.labels.items()))) for s in plain}
+    cache = SeriesCache(most=3)  # small: it fills and starts again on the way
+    for _ in range(3):  # a cold cache, then warm ones
+        samples, seen = scrape_samples(text, content_type, target, 7, cache)
+        assert (repr(samples), seen) == (repr(plain), keys)  # repr: NaN equals NaN
+    assert len(cache.entries) <= 3
 
 
 def test_a_series_that_disappears_and_a_removed_target_are_marked_stale(

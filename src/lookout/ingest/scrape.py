@@ -231,6 +231,8 @@ _ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
 
 # (name, labels, value, exemplar) of each scraped sample.
 ParsedSamples = list[tuple[str, dict[str, str], float, dict[str, Any] | None]]
+# A series as the store knows it: the name and the label pairs.
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
 class _NotSimpleError(ValueError):
@@ -253,9 +255,14 @@ def _labels_of(body: str | None) -> dict[str, str]:
     return labels
 
 
-def _parse_simple(text: str) -> ParsedSamples:
+# (name, label text or None, value, exemplar) of each line the fast parser read.
+_Scanned = list[tuple[str, str | None, float, dict[str, Any] | None]]
+
+
+def _scan_simple(text: str) -> _Scanned:
     """The common shape of both formats, a line at a time, several times faster than
-    prometheus_client's parser; anything unusual raises _NotSimpleError."""
+    prometheus_client's parser; anything unusual raises _NotSimpleError. Label text is
+    left unparsed so that a scrape can look each series up instead."""
     out = []
     for line in text.split("\n"):
         if not line or line[0] == "#":
@@ -268,8 +275,12 @@ def _parse_simple(text: str) -> ParsedSamples:
         exemplar = None
         if match[4] is not None:
             exemplar = {**_labels_of(match[4]), "value": float(match[5])}
-        out.append((match[1], _labels_of(match[2]), float(match[3]), exemplar))
+        out.append((match[1], match[2], float(match[3]), exemplar))
     return out
+
+
+def _parse_simple(text: str) -> ParsedSamples:
+    return [(name, _labels_of(body), value, ex) for name, body, value, ex in _scan_simple(text)]
 
 
 def parse_exposition(text: str, content_type: str) -> ParsedSamples:
@@ -296,21 +307,66 @@ def _parse_with_library(text: str, content_type: str) -> ParsedSamples:
     return out
 
 
-def to_samples(
-    parsed: ParsedSamples,
-    target: Target,
-    ts_ms: int,
-) -> list[Sample]:
+def _series_of(
+    name: str, labels: dict[str, str], target: Target
+) -> tuple[dict[str, str], SeriesKey]:
     """Attach the target's labels; on a clash the target wins unless honor_labels, and the
     scraped value is kept as `exported_<name>` (Prometheus's rule)."""
-    samples = []
-    for name, labels, value, exemplar in parsed:
-        merged = dict(labels)
-        for key, target_value in target.labels.items():
-            if key in merged and merged[key] != target_value:
-                if target.config.honor_labels:
-                    continue
-                merged[f"exported_{key}"] = merged[key]
-            merged[key] = target_value
-        samples.append(Sample(name, merged, ts_ms, value, exemplar))
-    return samples
+    merged = dict(labels)
+    for key, target_value in target.labels.items():
+        if key in merged and merged[key] != target_value:
+            if target.config.honor_labels:
+                continue
+            merged[f"exported_{key}"] = merged[key]
+        merged[key] = target_value
+    return merged, (name, tuple(sorted(merged.items())))
+
+
+def to_samples(parsed: ParsedSamples, target: Target, ts_ms: int) -> list[Sample]:
+    """The target's samples at `ts_ms`, its labels attached."""
+    return [
+        Sample(name, _series_of(name, labels, target)[0], ts_ms, value, exemplar)
+        for name, labels, value, exemplar in parsed
+    ]
+
+
+class SeriesCache:
+    """What each series text of one target (`name{labels}` as scraped) became: its
+    labels with the target's attached and its key. A target repeats the same series on
+    every scrape, so a scrape parses and merges only the series it has not seen before.
+    Bounded: past `most` entries it starts again."""
+
+    def __init__(self, most: int = 200_000) -> None:
+        self.most = most
+        self.entries: dict[tuple[str, str | None], tuple[dict[str, str], SeriesKey]] = {}
+
+    def series(
+        self, name: str, body: str | None, target: Target
+    ) -> tuple[dict[str, str], SeriesKey]:
+        found = self.entries.get((name, body))
+        if found is None:
+            if len(self.entries) >= self.most:
+                self.entries.clear()
+            found = self.entries[name, body] = _series_of(name, _labels_of(body), target)
+        return found
+
+
+def scrape_samples(
+    text: str, content_type: str, target: Target, ts_ms: int, cache: SeriesCache
+) -> tuple[list[Sample], set[SeriesKey]]:
+    """One scrape's samples at `ts_ms` and the keys of the series it holds. The label
+    dicts are shared with `cache`: nothing downstream may change them."""
+    samples, keys = [], set()
+    try:
+        for name, body, value, exemplar in _scan_simple(text):
+            labels, key = cache.series(name, body, target)
+            samples.append(Sample(name, labels, ts_ms, value, exemplar))
+            keys.add(key)
+    except ValueError:  # _NotSimpleError, or a number float() refuses
+        samples.clear()
+        keys.clear()
+        for name, raw, value, exemplar in _parse_with_library(text, content_type):
+            labels, key = _series_of(name, raw, target)
+            samples.append(Sample(name, labels, ts_ms, value, exemplar))
+            keys.add(key)
+    return samples, keys

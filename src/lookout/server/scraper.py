@@ -24,10 +24,11 @@ from lookout.errors import StoreError
 from lookout.ingest.scrape import (
     STALE_NAN,
     ScrapeConfig,
+    SeriesCache,
+    SeriesKey,
     Target,
-    parse_exposition,
+    scrape_samples,
     targets_of,
-    to_samples,
 )
 from lookout.model import Batch, Sample
 from lookout.server.runtime import ServerRuntime
@@ -37,7 +38,6 @@ REFRESH_S = 5.0
 FILE_SD_INTERVAL_S = 15.0
 # The series every scrape writes about itself, as Prometheus does.
 OWN_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added")
-SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Health:
     last_scrape_ns: int = 0
     last_duration_s: float = 0.0
     series: set[SeriesKey] = field(default_factory=set)
+    cache: SeriesCache = field(default_factory=SeriesCache)
 
 
 def file_sd_dir(runtime: ServerRuntime) -> Path:
@@ -138,16 +139,23 @@ class Scraper:
         ts_ms = started_ns // 1_000_000
         began = time.perf_counter()
         samples: list[Sample] = []
+        seen: set[SeriesKey] = set()
         try:
             response = await self.client.get(target.url, timeout=target.config.scrape_timeout)
             response.raise_for_status()
-            parsed = parse_exposition(response.text, response.headers.get("content-type", ""))
-            samples = to_samples(parsed, target, ts_ms)
+            # Off the event loop: a big target takes a while, and requests keep flowing.
+            samples, seen = await asyncio.to_thread(
+                scrape_samples,
+                response.text,
+                response.headers.get("content-type", ""),
+                target,
+                ts_ms,
+                health.cache,
+            )
             error = ""
         except (httpx.HTTPError, ValueError) as exc:
             error = str(exc) or type(exc).__name__
         duration = time.perf_counter() - began
-        seen = {(s.name, tuple(sorted(s.labels.items()))) for s in samples}
         added = len(seen - health.series)
         vanished = health.series - seen
         health.series = seen

@@ -431,7 +431,9 @@ class Writer:
         ids = self._series_ids
         day_cache: dict[int, str] = {}
         for s in samples:
-            key = (s.name, tuple(sorted(s.labels.items())))
+            # Unsorted: the same labels in another order only cost a second entry,
+            # series_id() sorts.
+            key = (s.name, tuple(s.labels.items()))
             sid = ids.get(key)
             if sid is None:
                 sid = series_id(s.name, s.labels)
