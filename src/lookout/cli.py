@@ -52,17 +52,29 @@ def _cmd_server(args: argparse.Namespace) -> int:
         "port": args.port,
         "otlp_port": args.otlp_port,
         "data_dir": args.data_dir,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
     }
     try:
         config = server_config.load(args.config, flags=flags)
     except ConfigError as exc:
         print(f"lookout server: {exc}", file=sys.stderr)
         return 2
-    if args.check_config:
-        print("config OK")
-        return 0
     if args.print_config:
         print(json.dumps(server_config.redacted(config), indent=2))
+        return 0
+    problems = server_config.exposure_problems(config)
+    if problems:
+        print(
+            f"lookout server: refusing to listen on {config.host} (beyond loopback) without "
+            "credentials. Set:",
+            file=sys.stderr,
+        )
+        for key, wanted in problems:
+            print(f"  {key}: {wanted}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print("config OK")
         return 0
     from lookout.server.run import run
 
@@ -101,6 +113,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(options)
 
 
+def _cmd_store_ack(args: argparse.Namespace) -> int:
+    import getpass
+    from datetime import UTC, datetime
+
+    from lookout import config as server_config
+    from lookout.errors import ConfigError
+    from lookout.store import acknowledge
+
+    try:
+        config = server_config.load(args.config, flags={"data_dir": args.data_dir})
+    except ConfigError as exc:
+        print(f"lookout store: {exc}", file=sys.stderr)
+        return 2
+    folders = acknowledge(config.data_dir, datetime.now(UTC), by=getpass.getuser())
+    for folder in folders:
+        print(f"acknowledged {folder} (its files stay there until you delete them)")
+    if not folders:
+        print(f"Nothing to acknowledge in {config.data_dir / 'quarantine'}.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lookout", description="Lookout: observability for microservices.")
     parser.add_argument("--version", action="version", version=f"lookout {__version__}")
@@ -124,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", help="API and UI port (default 8686)")
     server.add_argument("--otlp-port", help="OTLP-only port (default 4318; 0 turns it off)")
+    server.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (with --tls-key)")
+    server.add_argument("--tls-key", help="PEM private key of --tls-cert")
     server.add_argument(
         "--check-config", action="store_true", help="validate the config and exit (2 on error)"
     )
@@ -150,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     run.set_defaults(func=_cmd_run)
+
+    store = commands.add_parser("store", help="look after the server's store")
+    store_commands = store.add_subparsers(dest="store_command", metavar="ACTION")
+    store_commands.required = True
+    ack = store_commands.add_parser(
+        "ack-corruption",
+        help="acknowledge the damaged files moved to quarantine/: /readyz is ready again",
+    )
+    ack.add_argument("--config", type=Path, help="YAML config file (for its data_dir)")
+    ack.add_argument("--data-dir", help="the server's data directory")
+    ack.set_defaults(func=_cmd_store_ack)
     return parser
 
 

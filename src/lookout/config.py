@@ -8,17 +8,20 @@ with secrets redacted.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lookout.errors import ConfigError
+from lookout.ingest.limits import Limits, parse_limits, parse_size
 from lookout.ingest.scrape import ScrapeConfig, parse_scrape_configs
+from lookout.store import RetentionPolicy, parse_retention
 
 REDACTED = "***"
 
@@ -41,10 +44,21 @@ class ServerConfig:
     projects: tuple[Project, ...] = field(
         default_factory=lambda: (Project(1, "default", ("lookout",)),)
     )
-    scrub_key: str = "lookout-insecure-default-key"
+    scrub_key: str = "lookout-insecure-default-key"  # DEFAULT_SCRUB_KEY
     self_observe_interval_s: float = 15.0
     trace_ingest: bool = False
     scrape_configs: tuple[ScrapeConfig, ...] = ()
+    # Security: bearer tokens for OTLP, lines and Loki (token -> project id), and the query
+    # credential (bearer tokens, or user -> password for basic auth) for reads and the UI.
+    ingest_tokens: dict[str, int] = field(default_factory=dict)
+    query_tokens: tuple[str, ...] = ()
+    query_users: dict[str, str] = field(default_factory=dict)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    scrub: bool = True
+    limits: Limits = field(default_factory=Limits)
+    store_memory_limit: int = 1024 * 1024 * 1024  # DuckDB's memory_limit, in bytes
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
 
 # key -> (environment variable, meaning) for docs/server.md and --print-config.
@@ -76,8 +90,42 @@ KEYS: dict[str, tuple[str, str]] = {
         "LOOKOUT_SCRAPE_CONFIGS",
         "Prometheus `scrape_configs` (the subset in this page); the variable takes them as JSON",
     ),
+    "ingest_tokens": (
+        "LOOKOUT_INGEST_TOKENS",
+        "bearer tokens for OTLP, lines and Loki, per project: `{1: [token]}`; the variable "
+        "takes `1=token1,2=token2`",
+    ),
+    "query_tokens": (
+        "LOOKOUT_QUERY_TOKENS",
+        "bearer tokens for the read API, the Prometheus API and the UI (comma-separated)",
+    ),
+    "query_users": (
+        "LOOKOUT_QUERY_USERS",
+        "basic-auth users for the same, `{user: password}`; the variable takes `user:password,...`",
+    ),
+    "tls_cert": ("LOOKOUT_TLS_CERT", "PEM certificate file: serve HTTPS (with `tls_key`)"),
+    "tls_key": ("LOOKOUT_TLS_KEY", "PEM private key file of `tls_cert`"),
+    "scrub": (
+        "LOOKOUT_SCRUB",
+        "scrub secrets and personal data from every record before it is stored (true)",
+    ),
+    "limits": (
+        "LOOKOUT_LIMITS",
+        "ingest limits (the table below); the variable takes `name=value,...`",
+    ),
+    "store_memory_limit": (
+        "LOOKOUT_STORE_MEMORY_LIMIT",
+        "memory DuckDB may use for its buffers and queries, such as 512MiB (1GiB)",
+    ),
+    "retention": (
+        "LOOKOUT_RETENTION",
+        "age and byte caps per signal and for the data directory (see Retention); the "
+        "variable takes `max_bytes=10GB,logs.max_age=3d,...`",
+    ),
 }
-SECRET_KEYS = ("scrub_key",)
+SECRET_KEYS = ("scrub_key", "ingest_tokens", "query_tokens", "query_users")
+DEFAULT_SCRUB_KEY = "lookout-insecure-default-key"
+DEFAULT_DSN_KEY = "lookout"
 
 
 def _fail(key: str, value: Any, expected: str) -> ConfigError:
@@ -152,6 +200,82 @@ def _projects(value: Any) -> tuple[Project, ...]:
     return tuple(projects)
 
 
+def _pairs(key: str, value: Any, separator: str) -> list[tuple[str, str]]:
+    """`a<sep>b,c<sep>d` (a variable's form) as pairs; empty parts are refused."""
+    pairs = []
+    for part in (p.strip() for p in str(value).split(",")):
+        left, sep, right = part.partition(separator)
+        if not sep or not left.strip() or not right.strip():
+            raise _fail(key, part or value, f"`NAME{separator}VALUE` pairs separated by commas")
+        pairs.append((left.strip(), right.strip()))
+    return pairs
+
+
+def _ingest_tokens(value: Any) -> dict[str, int]:
+    key = "ingest_tokens"
+    if isinstance(value, str):
+        grouped: dict[str, list[str]] = {}
+        for project, token in _pairs(key, value, "="):
+            grouped.setdefault(project, []).append(token)
+        value = grouped
+    if not isinstance(value, dict):
+        raise _fail(key, value, "a mapping of project id to a list of tokens")
+    tokens: dict[str, int] = {}
+    for project, given in value.items():
+        try:
+            ident = int(str(project))
+        except ValueError:
+            raise _fail(f"{key}.{project}", project, "a numeric project id") from None
+        listed = [given] if isinstance(given, str) else given
+        if not isinstance(listed, list) or not listed:
+            raise _fail(f"{key}.{project}", listed, "a list of tokens")
+        for token in listed:
+            if not isinstance(token, str) or len(token) < 16 or token.strip() != token:
+                raise _fail(f"{key}.{project}", "***", "tokens of at least 16 characters")
+            if token in tokens:
+                raise _fail(f"{key}.{project}", "***", "a token no other project uses")
+            tokens[token] = ident
+    return tokens
+
+
+def _query_tokens(value: Any) -> tuple[str, ...]:
+    listed = [t.strip() for t in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(listed, list) or not all(isinstance(t, str) for t in listed):
+        raise _fail("query_tokens", value, "a list of tokens")
+    if any(len(t) < 16 for t in listed):
+        raise _fail("query_tokens", "***", "tokens of at least 16 characters")
+    return tuple(listed)
+
+
+def _query_users(value: Any) -> dict[str, str]:
+    if isinstance(value, str):
+        value = dict(_pairs("query_users", value, ":"))
+    if not isinstance(value, dict) or not all(
+        isinstance(u, str) and isinstance(p, str) for u, p in value.items()
+    ):
+        raise _fail("query_users", value, "a mapping of user name to password")
+    for user, password in value.items():
+        if ":" in user or not user:
+            raise _fail("query_users", user, "user names without `:`")
+        if len(password) < 12:
+            raise _fail(f"query_users.{user}", "***", "a password of at least 12 characters")
+    return dict(value)
+
+
+def _file(key: str, value: Any) -> Path:
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise _fail(key, str(path), "a readable PEM file")
+    return path
+
+
+def _memory(value: Any) -> int:
+    size = parse_size("store_memory_limit", value)
+    if size < 64 * 1024 * 1024:
+        raise _fail("store_memory_limit", value, "at least 64MiB")
+    return size
+
+
 _PARSERS: dict[str, Any] = {
     "host": str,
     "port": lambda v: _port("port", v),
@@ -162,6 +286,15 @@ _PARSERS: dict[str, Any] = {
     "self_observe_interval_s": lambda v: _positive("self_observe_interval_s", v),
     "trace_ingest": lambda v: _bool("trace_ingest", v),
     "scrape_configs": lambda v: parse_scrape_configs(_json_or_value("scrape_configs", v)),
+    "ingest_tokens": _ingest_tokens,
+    "query_tokens": _query_tokens,
+    "query_users": _query_users,
+    "tls_cert": lambda v: _file("tls_cert", v),
+    "tls_key": lambda v: _file("tls_key", v),
+    "scrub": lambda v: _bool("scrub", v),
+    "limits": parse_limits,
+    "store_memory_limit": _memory,
+    "retention": parse_retention,
 }
 
 
@@ -212,7 +345,51 @@ def load(
             merged[key] = environ[variable]
     merged.update({k: v for k, v in (flags or {}).items() if v is not None})
     values: dict[str, Any] = {key: _PARSERS[key](value) for key, value in merged.items()}
-    return ServerConfig(**values)
+    config = ServerConfig(**values)
+    _check_together(config)
+    return config
+
+
+def _check_together(config: ServerConfig) -> None:
+    """What no single key can tell: tokens name known projects, TLS comes as a pair."""
+    known = {p.id for p in config.projects}
+    for project in sorted(set(config.ingest_tokens.values()) - known):
+        raise _fail(f"ingest_tokens.{project}", project, f"one of the projects {sorted(known)}")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        missing = "tls_key" if config.tls_key is None else "tls_cert"
+        raise _fail(missing, None, "set too: HTTPS needs both tls_cert and tls_key")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def exposure_problems(config: ServerConfig) -> list[tuple[str, str]]:
+    """(key, what to set) for each credential a server listening beyond loopback lacks."""
+    if is_loopback(config.host):
+        return []
+    problems = []
+    without = [p.id for p in config.projects if p.id not in set(config.ingest_tokens.values())]
+    if without:
+        problems.append((
+            "ingest_tokens",
+            f"a bearer token for each project (none for {without}): LOOKOUT_INGEST_TOKENS",
+        ))  # fmt: skip
+    if any(DEFAULT_DSN_KEY in p.keys for p in config.projects):
+        problems.append(("projects", "DSN keys of your own, not the default `lookout`"))
+    if not config.query_tokens and not config.query_users:
+        problems.append((
+            "query_tokens",
+            "a query credential: LOOKOUT_QUERY_TOKENS (bearer) or LOOKOUT_QUERY_USERS (basic)",
+        ))  # fmt: skip
+    if config.scrub_key == DEFAULT_SCRUB_KEY:
+        problems.append(("scrub_key", "a secret key for phone-number hashes: LOOKOUT_SCRUB_KEY"))
+    return problems
 
 
 def redacted(config: ServerConfig) -> dict[str, Any]:
@@ -220,7 +397,13 @@ def redacted(config: ServerConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in fields(config):
         value = getattr(config, item.name)
-        if item.name in SECRET_KEYS:
+        if item.name == "ingest_tokens":  # which projects have tokens, never the tokens
+            value = {str(project): REDACTED for project in sorted(set(value.values()))}
+        elif item.name == "query_tokens":
+            value = [REDACTED] * len(value)
+        elif item.name == "query_users":
+            value = dict.fromkeys(value, REDACTED)
+        elif item.name in SECRET_KEYS:
             value = REDACTED
         elif item.name == "projects":
             value = [{"id": p.id, "name": p.name, "keys": [REDACTED] * len(p.keys)} for p in value]
@@ -228,5 +411,7 @@ def redacted(config: ServerConfig) -> dict[str, Any]:
             value = str(value)
         elif item.name == "scrape_configs":
             value = [c.job_name for c in value]
+        elif item.name in ("limits", "retention"):
+            value = asdict(value)
         out[item.name] = value
     return out

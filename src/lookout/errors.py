@@ -33,6 +33,10 @@ class StoreBusyError(StoreError):
     """The writer's queue is full; the client should retry later."""
 
 
+class DiskFullError(StoreError):
+    """The data directory's disk is past the `disk_full` limit; ingest waits for space."""
+
+
 class IngestError(LookoutError):
     """An ingest request is malformed; `status` is the HTTP status to answer with."""
 

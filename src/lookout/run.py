@@ -176,6 +176,7 @@ class Shipper:
         self.client = httpx.Client(timeout=5.0, headers=headers)
         self.endpoint = options.url.rstrip("/") + "/api/lookout/lines"
         self.stopping = threading.Event()
+        self.give_up_at = 0.0  # set by stop(): when undeliverable lines are given up
         self.sent_lines = 0
         self.warned_at = 0.0
 
@@ -197,9 +198,20 @@ class Shipper:
                 continue
             self.buffer.give_back(lines, dropped)
             if self.stopping.is_set():
-                return
-            self.stopping.wait(backoff)
+                # The child has exited: keep trying until the grace period is over (a
+                # server that is only now coming up still gets the last lines).
+                left = self.give_up_at - time.monotonic()
+                if left <= 0:
+                    return
+                time.sleep(min(backoff, left, 0.5))
+            else:
+                self.stopping.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def stop(self, grace_s: float) -> None:
+        """Deliver what is left, retrying for up to `grace_s`, then stop."""
+        self.give_up_at = time.monotonic() + grace_s
+        self.stopping.set()
 
     def _send(self, lines: list[Line], dropped: int) -> bool:
         body = {
@@ -357,9 +369,9 @@ def run(options: RunOptions) -> int:
     for echo in echoes:
         if echo is not None:
             echo.close(1.0)
-    shipper.stopping.set()
+    shipper.stop(FLUSH_AT_EXIT_S)
     buffer.ready.set()
-    shipping.join(FLUSH_AT_EXIT_S)
+    shipping.join(FLUSH_AT_EXIT_S + 1.0)
     for signum, handler in previous.items():
         signal.signal(signum, handler)
     if len(buffer) or buffer.dropped:

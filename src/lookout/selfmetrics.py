@@ -48,6 +48,23 @@ class ServerMetrics:
             ["signal"],
             registry=registry,
         )
+        self.retention_dropped = Counter(
+            "lookout_store_retention_dropped_partitions",
+            "Partitions (a signal's day) dropped by retention, by signal and reason (age, bytes).",
+            ["signal", "reason"],
+            registry=registry,
+        )
+        self.signal_bytes = Gauge(
+            "lookout_store_signal_bytes",
+            "Bytes on disk of a signal: its Parquet files and its day tables' DuckDB blocks.",
+            ["signal"],
+            registry=registry,
+        )
+        self.data_dir_bytes = Gauge(
+            "lookout_store_data_dir_bytes",
+            "Bytes on disk under the data directory, as du counts them (retention.max_bytes).",
+            registry=registry,
+        )
         self.requests = Counter(
             "lookout_ingest_requests",
             "Ingest requests answered, by endpoint and status code.",
@@ -63,6 +80,23 @@ class ServerMetrics:
         self.shipper_dropped = Counter(
             "lookout_run_dropped_lines",
             "Lines `lookout run` dropped because its buffer was full (the server was down).",
+            registry=registry,
+        )
+        self.disk_used_ratio = Gauge(
+            "lookout_store_disk_used_ratio",
+            "Used share of the disk holding the data directory.",
+            registry=registry,
+        )
+        self.disk_full = Gauge(
+            "lookout_store_disk_full",
+            "1 while ingest answers 503 because the disk is past the disk_full limit.",
+            registry=registry,
+        )
+        self.corruptions = Counter(
+            "lookout_store_corruptions",
+            "Damaged store files (or tables) moved to quarantine/, by kind: wal, database, "
+            "table, parquet or series.",
+            ["kind"],
             registry=registry,
         )
         self.skipped_items = Counter(

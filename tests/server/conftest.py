@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,7 +43,14 @@ class InProcess:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[InProcess]:
     """The main app over ASGI in this process, with a store in tmp_path."""
-    runtime = ServerRuntime.open(config_for(tmp_path / "data"))
+    with in_process(config_for(tmp_path / "data")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def in_process(config: ServerConfig) -> Iterator[InProcess]:
+    """The main app of a server with `config` over ASGI in this process."""
+    runtime = ServerRuntime.open(config)
     transport = httpx.ASGITransport(app=main_app(runtime))  # type: ignore[arg-type]
     import asyncio
 
@@ -86,7 +95,10 @@ class RunningServer:
         return code
 
 
-def start_server(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> RunningServer:
+def start_server(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, verify: str | None = None
+) -> RunningServer:
+    """A real `lookout server`; `verify` is the CA file when it serves HTTPS."""
     port, otlp_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "lookout", "server", "--data-dir", str(data_dir),
@@ -113,6 +125,10 @@ def start_server(data_dir: Path, *args: str, env: dict[str, str] | None = None) 
         if process.poll() is not None:
             raise AssertionError("lookout server exited:\n" + "\n".join(server.lines[-30:]))
         try:
+            if verify is not None:
+                url = server.url.replace("http://", "https://")
+                trusted = ssl.create_default_context(cafile=verify)
+                return httpx.get(f"{url}/readyz", timeout=1, verify=trusted).status_code == 200
             return httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200
         except httpx.TransportError:
             return False

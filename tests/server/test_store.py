@@ -194,3 +194,97 @@ def test_an_older_store_is_migrated_forward_at_startup(tmp_path: Path) -> None:
     assert database.connection.execute("SELECT count(*) FROM partition_files").fetchone() == (0,)
     writer.stop()
     database.close()
+
+
+def test_spans_stored_before_trace_key_existed_are_still_found_by_trace_id(
+    tmp_path: Path,
+) -> None:
+    """A schema-3 store: a day table without `trace_key` (filled in by the migration) and
+    a closed day's Parquet file without it (read as NULL) both answer a trace lookup."""
+    import duckdb
+
+    from lookout.query import read
+    from lookout.store.schema import DAY_TABLES, MIGRATIONS
+
+    old_columns = DAY_TABLES["spans"].replace(",\n        trace_key BIGINT", "")
+    assert "trace_key" not in old_columns
+    now = time.time_ns()
+    row = "'{t}', '{s}', '', 'svc', 'op', 'server', {n}, {n}, 0, 'unset', '', '{{}}', '[]', '[]', '{{}}', '', 'otlp', {n}"
+    with duckdb.connect(str(tmp_path / "lookout.duckdb")) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER, applied_ns BIGINT)")
+        for version in (1, 2, 3):
+            MIGRATIONS[version](connection)
+            connection.execute("INSERT INTO schema_version VALUES (?, 0)", [version])
+        connection.execute(f"CREATE TABLE spans_d20260101 ({old_columns})")
+        connection.execute("INSERT INTO partitions VALUES ('spans', '20260101', 'spans_d20260101')")
+        connection.execute(
+            f"INSERT INTO spans_d20260101 VALUES ({row.format(t='a' * 32, s='1' * 16, n=now)})"
+        )
+        (tmp_path / "spans").mkdir()
+        connection.execute(f"CREATE TABLE old_day ({old_columns})")
+        connection.execute(
+            f"INSERT INTO old_day VALUES ({row.format(t='b' * 32, s='2' * 16, n=now)})"
+        )
+        parquet = tmp_path / "spans" / "20251231-1.parquet"
+        connection.execute(f"COPY old_day TO '{parquet}' (FORMAT parquet)")
+        connection.execute("DROP TABLE old_day")
+        connection.execute(
+            "INSERT INTO partition_files VALUES ('spans', '20251231', 'spans/20251231-1.parquet', 1, 0)"
+        )
+    database, writer = open_store(tmp_path)
+    try:
+        writer.submit(Batch(spans=[_span("cc", "33", now)])).result(10)
+        cursor = database.cursor()
+        for trace in ("a", "b", "c"):
+            found = read.trace(cursor, trace * 32)
+            assert found is not None, trace
+            assert found["span_count"] == 1
+            assert "trace_key" not in found["spans"][0]
+        assert read.trace(cursor, "d" * 32) is None
+    finally:
+        writer.stop()
+        database.close()
+
+
+def test_recent_keys_remember_at_least_most_keys_or_the_window_in_bounded_memory() -> None:
+    from lookout.store.writer import RecentKeys
+
+    keys = RecentKeys(window_s=60, most=1000)
+    keys.add_all((f"k{i}" for i in range(10_000)), now_ns=0)
+    assert len(keys) <= 2 * 1000
+    assert all(f"k{i}" in keys for i in range(9000, 10_000)), "the last `most` are kept"
+    assert "k0" not in keys, "older ones are forgotten"
+    later = RecentKeys(window_s=60, most=1000)
+    later.add_all(["a"], now_ns=0)
+    later.add_all(["b"], now_ns=61 * 10**9)  # a window later: "a" is in the old generation
+    assert "a" in later
+    assert "b" in later
+    later.add_all(["c"], now_ns=122 * 10**9)  # two windows later: "a" is gone
+    assert "a" not in later
+    assert "c" in later
+
+
+def test_traces_sharing_a_trace_key_stay_apart_in_tables_and_in_parquet(tmp_path: Path) -> None:
+    from lookout.query import read
+
+    database, writer = open_store(tmp_path)
+    try:
+        now = time.time_ns()
+        first, second = "a" * 15 + "0" * 17, "a" * 15 + "1" * 17  # one trace_key
+        spans = [
+            Span(trace, f"{i:016x}", "", "svc", "op", "server", start, start + 1000)
+            for i, (trace, start) in enumerate(
+                [(first, now), (second, now), (first, now - 3 * DAY_NS), (second, now - 3 * DAY_NS)]
+            )
+        ]
+        writer.submit(Batch(spans=spans)).result(10)
+        assert writer.close_days_before(_day(now - DAY_NS)).result(10) == 2
+        cursor = database.cursor()
+        for trace in (first, second):
+            found = read.trace(cursor, trace)
+            assert found is not None
+            assert {s["trace_id"] for s in found["spans"]} == {trace}
+            assert found["span_count"] == 2, "one span from the table, one from Parquet"
+    finally:
+        writer.stop()
+        database.close()

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lookout.errors import IngestError
+from lookout.ingest.jsonbody import loads_text, valid_text
 from lookout.ingest.limits import Limits
 from lookout.ingest.otlp import Outcome
 from lookout.model import LogRecord
@@ -37,7 +38,7 @@ _FIELD_KEYS = frozenset({"timestamp", "time", "ts", "level", "severity", "logger
 
 
 def _timestamp(value: Any) -> int | None:
-    if isinstance(value, int | float) and value > 0:
+    if isinstance(value, int | float) and 0 < value < 4e18:  # past 4e18 no scale fits
         # Seconds, milliseconds, microseconds or nanoseconds, by magnitude.
         for scale in (1e9, 1e6, 1e3, 1.0):
             candidate = value * scale
@@ -69,8 +70,8 @@ def parse_line(text: str, *, ts_ns: int, stream: str, service: str, source: str)
     stripped = text.strip()
     if stripped.startswith("{") and stripped.endswith("}"):
         try:
-            document = json.loads(stripped)
-        except ValueError:
+            document = loads_text(stripped)
+        except (ValueError, RecursionError):  # not JSON after all: kept as plain text
             document = None
         if isinstance(document, dict):
             body = next((document[k] for k in _MESSAGE_KEYS if k in document), "")
@@ -121,15 +122,16 @@ def read_batch(document: Any, limits: Limits, now_ns: int) -> tuple[str, Outcome
         raise IngestError("`seq` must be a whole number >= 0.")
     if not isinstance(lines, list) or len(lines) > MAX_LINES_PER_BATCH:
         raise IngestError(f"`lines` must be a list of at most {MAX_LINES_PER_BATCH} lines.")
+    source = valid_text(source)
     service = document.get("service")
-    service = service if isinstance(service, str) and service else "unknown_service"
+    service = valid_text(service) if isinstance(service, str) and service else "unknown_service"
     dropped = document.get("dropped")
     outcome = Outcome()
     for line in lines:
         if not isinstance(line, dict) or not isinstance(line.get("text"), str):
             outcome.reject("line without text")
             continue
-        text = line["text"]
+        text = valid_text(line["text"])
         if len(text.encode()) > limits.max_line_bytes:
             raise IngestError(
                 f"A line is longer than {limits.max_line_bytes} bytes.",
@@ -137,7 +139,8 @@ def read_batch(document: Any, limits: Limits, now_ns: int) -> tuple[str, Outcome
                 reason="line_too_long",
             )
         ts = line.get("ts_ns")
-        ts_ns = ts if isinstance(ts, int) and ts > 0 else now_ns
+        # Past int64 it could not be stored (it becomes the record's observed time).
+        ts_ns = ts if isinstance(ts, int) and 0 < ts < 2**63 else now_ns
         stream = "stderr" if line.get("stream") == "stderr" else "stdout"
         record = parse_line(
             text, ts_ns=ts_ns, stream=stream, service=service, source=f"run:{source}:{seq}"
@@ -149,4 +152,4 @@ def read_batch(document: Any, limits: Limits, now_ns: int) -> tuple[str, Outcome
         record.attributes = limits.attributes(record.attributes)
         outcome.records.append(record)
     key = f"run:{source}:{seq}"  # also each record's `source`, so restarts keep deduplicating
-    return key, outcome, dropped if isinstance(dropped, int) and dropped > 0 else 0
+    return key, outcome, dropped if isinstance(dropped, int) and 0 < dropped < 2**63 else 0

@@ -19,6 +19,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from lookout.errors import IngestError
+from lookout.ingest.jsonbody import load_json
 from lookout.ingest.limits import Limits
 from lookout.ingest.lines import parse_line
 from lookout.ingest.otlp import Outcome
@@ -87,21 +88,44 @@ def _entries_from_json(document: Any) -> list[tuple[dict[str, str], int, str, di
         if not isinstance(stream, dict) or not isinstance(stream.get("stream"), dict):
             raise IngestError("Each stream needs a `stream` object of labels.")
         labels = {str(k): str(v) for k, v in stream["stream"].items()}
-        for value in stream.get("values") or []:
+        values = stream.get("values") or []
+        if not isinstance(values, list):
+            raise IngestError(f"A stream's `values` must be a list, not {type(values).__name__}.")
+        for value in values:
             if not isinstance(value, list) or len(value) < 2:
                 raise IngestError('Each value is ["<unix ns>", "<line>", {metadata}?].')
             try:
                 ts = int(value[0])
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: 1e999
                 raise IngestError(f"Timestamp {value[0]!r} is not Unix nanoseconds.") from exc
             metadata = value[2] if len(value) > 2 and isinstance(value[2], dict) else {}
             out.append((labels, ts, str(value[1]), {str(k): str(v) for k, v in metadata.items()}))
     return out
 
 
-def _entries_from_protobuf(body: bytes) -> list[tuple[dict[str, str], int, str, dict[str, str]]]:
+def _snappy_length(body: bytes) -> int:
+    """The uncompressed length a raw snappy block declares (its leading varint)."""
+    length = shift = 0
+    for byte in body[:5]:
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return length
+        shift += 7
+    raise IngestError("Body is not snappy-compressed: its length header is malformed.")
+
+
+def _entries_from_protobuf(
+    body: bytes, limit: int
+) -> list[tuple[dict[str, str], int, str, dict[str, str]]]:
     import cramjam
 
+    declared = _snappy_length(body)
+    if declared > limit:  # refused before anything is allocated for it
+        raise IngestError(
+            f"Body would be {declared} bytes after decompression, over the {limit}-byte limit.",
+            status=413,
+            reason="too_large",
+        )
     try:
         raw = bytes(cramjam.snappy.decompress_raw(body))
     except Exception as exc:
@@ -113,12 +137,18 @@ def _entries_from_protobuf(body: bytes) -> list[tuple[dict[str, str], int, str, 
         raise IngestError(f"Body is not a logproto.PushRequest: {exc}") from exc
     out = []
     for stream in request.streams:
-        labels = parse_labels(stream.labels)
+        labels = parse_labels(_text(stream.labels))
         for entry in stream.entries:
             ts = entry.timestamp.seconds * 1_000_000_000 + entry.timestamp.nanos
-            metadata = {pair.name: pair.value for pair in entry.structuredMetadata}
-            out.append((labels, ts, entry.line, metadata))
+            metadata = {_text(pair.name): _text(pair.value) for pair in entry.structuredMetadata}
+            out.append((labels, ts, _text(entry.line), metadata))
     return out
+
+
+def _text(value: str | bytes) -> str:
+    """A protobuf string field: protobuf hands over bytes when they are not UTF-8 (Loki's
+    own Go code takes any bytes), so those are decoded with U+FFFD for each bad byte."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def read_push(
@@ -126,13 +156,9 @@ def read_push(
 ) -> Outcome:
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "application/json":
-        try:
-            document = json.loads(body)
-        except ValueError as exc:
-            raise IngestError(f"Loki JSON push is not JSON: {exc}") from exc
-        entries = _entries_from_json(document)
+        entries = _entries_from_json(load_json(body, "Loki JSON push"))
     elif media in ("application/x-protobuf", "application/protobuf", ""):
-        entries = _entries_from_protobuf(body)
+        entries = _entries_from_protobuf(body, limits.max_body_bytes)
     else:
         raise IngestError(
             f"Content-Type {content_type!r}: Loki push takes application/json or "

@@ -20,6 +20,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from lookout.errors import IngestError
+from lookout.ingest.jsonbody import load_json
 from lookout.ingest.limits import Limits
 from lookout.model import LogRecord, Span
 
@@ -76,17 +77,20 @@ def decode(signal: str, body: bytes, content_type: str) -> Message:
     request_type = SIGNALS[signal][0]
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "application/json":
-        try:
-            document = json.loads(body or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise IngestError(f"OTLP/JSON body is not valid JSON: {exc}") from exc
+        document = load_json(body or b"{}", "OTLP/JSON body")
         if not isinstance(document, dict):
             raise IngestError("OTLP/JSON body must be a JSON object.")
         try:
             return json_format.ParseDict(
                 _hex_ids_to_base64(document), request_type(), ignore_unknown_fields=True
             )
-        except (json_format.ParseError, ValueError, TypeError) as exc:
+        except (
+            json_format.ParseError,
+            ValueError,
+            TypeError,
+            RecursionError,
+            OverflowError,  # an enum or integer field given as 1e999 (infinity)
+        ) as exc:
             raise IngestError(
                 f"OTLP/JSON body does not match {request_type.__name__}: {exc}"
             ) from exc
@@ -152,8 +156,17 @@ def any_value(value: Any) -> Any:
     return getattr(value, kind)
 
 
-def attributes(pairs: Any) -> dict[str, Any]:
-    return {kv.key: any_value(kv.value) for kv in pairs}
+def attributes(pairs: Any, limits: Limits | None = None) -> dict[str, Any]:
+    """Key-value pairs as a dict; with `limits`, long strings are cut to the limit."""
+    out = {}
+    for kv in pairs:
+        value = kv.value
+        if value.WhichOneof("value") == "string_value":  # the common case, inline
+            text = value.string_value
+            out[kv.key] = text if limits is None else limits.text(text)
+        else:
+            out[kv.key] = any_value(value)
+    return out
 
 
 def _hex(raw: bytes, size: int) -> str | None:
@@ -204,12 +217,12 @@ def spans(request: Any, limits: Limits, now_ns: int) -> Outcome:
                         end_ns=end,
                         status_code=_STATUS.get(span.status.code, "unset"),
                         status_message=span.status.message,
-                        attributes=limits.attributes(attributes(span.attributes)),
+                        attributes=attributes(span.attributes, limits),
                         events=[
                             {
                                 "name": e.name,
                                 "time_ns": e.time_unix_nano,
-                                "attributes": limits.attributes(attributes(e.attributes)),
+                                "attributes": attributes(e.attributes, limits),
                             }
                             for e in span.events
                         ],
@@ -275,6 +288,13 @@ def logs(request: Any, limits: Limits, now_ns: int) -> Outcome:
                     continue
                 body = any_value(record.body)
                 text = body if isinstance(body, str) else json.dumps(body, default=str)
+                if (
+                    text
+                    and len(text) > limits.max_line_bytes // 4
+                    and (len(text.encode()) > limits.max_line_bytes)
+                ):
+                    outcome.reject("line_too_long")
+                    continue
                 outcome.records.append(
                     LogRecord(
                         ts_ns=ts,
@@ -282,10 +302,10 @@ def logs(request: Any, limits: Limits, now_ns: int) -> Outcome:
                         service=service,
                         level=_level(record.severity_number, record.severity_text),
                         severity_number=record.severity_number,
-                        body=limits.line(text or ""),
+                        body=text or "",
                         trace_id=_hex(record.trace_id, 16) or "",
                         span_id=_hex(record.span_id, 8) or "",
-                        attributes=limits.attributes(attributes(record.attributes)),
+                        attributes=attributes(record.attributes, limits),
                         resource=resource,
                     )
                 )

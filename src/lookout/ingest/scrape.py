@@ -22,6 +22,7 @@ from lookout.model import Sample
 STALE_NAN = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 _ACTIONS = ("replace", "keep", "drop", "labelmap")
+_GROUP_REF = re.compile(r"\$\{?(\d+)\}?")
 _KNOWN = {"job_name", "scrape_interval", "scrape_timeout", "metrics_path", "scheme",
           "static_configs", "file_sd_configs", "honor_labels", "relabel_configs"}  # fmt: skip
 
@@ -86,6 +87,25 @@ def _relabel(where: str, raw: Any) -> Relabel:
     )
 
 
+def _expand(match: re.Match[str], template: str) -> str:
+    """Prometheus's expansion: `$1` or `${1}` is that group's text, empty for a group the
+    regex does not have; everything else, backslashes too, is literal."""
+
+    def group(ref: re.Match[str]) -> str:
+        number = int(ref[1]) if len(ref[1]) <= 4 else -1
+        return (match[number] or "") if 0 <= number <= match.re.groups else ""
+
+    return _GROUP_REF.sub(group, template)
+
+
+def _listed(where: str, job: dict[Any, Any]) -> list[Any]:
+    """A job's key that takes a list (`where` ends with its name); absent or empty is []."""
+    value = job.get(where.rsplit(".", 1)[1]) or []
+    if not isinstance(value, list):
+        raise ConfigError(where, value, "a list, as in prometheus.yml")
+    return value
+
+
 def parse_scrape_configs(raw: Any) -> tuple[ScrapeConfig, ...]:
     """Validate the `scrape_configs` block, naming the key and the fix on a problem."""
     if raw is None:
@@ -99,7 +119,7 @@ def parse_scrape_configs(raw: Any) -> tuple[ScrapeConfig, ...]:
             raise ConfigError(f"{where}.job_name", job, "a job with a job_name")
         unknown = set(job) - _KNOWN
         if unknown:
-            first = sorted(unknown)[0]
+            first = sorted(unknown, key=str)[0]  # YAML keys may be numbers or dates too
             supported = ", ".join(sorted(_KNOWN))
             raise ConfigError(f"{where}.{first}", first, f"one of the supported keys: {supported}")
         name = str(job["job_name"])
@@ -113,16 +133,21 @@ def parse_scrape_configs(raw: Any) -> tuple[ScrapeConfig, ...]:
         if scheme not in ("http", "https"):
             raise ConfigError(f"{where}.scheme", scheme, "http or https")
         static: list[tuple[str, tuple[tuple[str, str], ...]]] = []
-        for s_index, group in enumerate(job.get("static_configs") or []):
+        for s_index, group in enumerate(_listed(f"{where}.static_configs", job)):
             targets = group.get("targets") if isinstance(group, dict) else None
             if not isinstance(targets, list):
                 raise ConfigError(
                     f"{where}.static_configs[{s_index}].targets", targets, "a list of host:port"
                 )
-            labels = tuple(sorted((str(k), str(v)) for k, v in (group.get("labels") or {}).items()))
+            given = group.get("labels") or {}
+            if not isinstance(given, dict):
+                raise ConfigError(
+                    f"{where}.static_configs[{s_index}].labels", given, "a mapping of labels"
+                )
+            labels = tuple(sorted((str(k), str(v)) for k, v in given.items()))
             static.extend((str(t), labels) for t in targets)
         files: list[str] = []
-        for f_index, group in enumerate(job.get("file_sd_configs") or []):
+        for f_index, group in enumerate(_listed(f"{where}.file_sd_configs", job)):
             listed = group.get("files") if isinstance(group, dict) else None
             if not isinstance(listed, list):
                 raise ConfigError(
@@ -131,7 +156,7 @@ def parse_scrape_configs(raw: Any) -> tuple[ScrapeConfig, ...]:
             files.extend(map(str, listed))
         relabels = tuple(
             _relabel(f"{where}.relabel_configs[{r}]", item)
-            for r, item in enumerate(job.get("relabel_configs") or [])
+            for r, item in enumerate(_listed(f"{where}.relabel_configs", job))
         )
         configs.append(ScrapeConfig(
             job_name=name, scrape_interval=interval, scrape_timeout=timeout,
@@ -154,8 +179,8 @@ def relabel(labels: dict[str, str], rules: tuple[Relabel, ...]) -> dict[str, str
         if rule.action == "replace":
             match = rule.regex.match(value)
             if match:
-                target = match.expand(rule.target_label.replace("$", "\\"))
-                result = match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rule.replacement))
+                target = _expand(match, rule.target_label)
+                result = _expand(match, rule.replacement)
                 if result:
                     current[target] = result
                 else:
@@ -164,9 +189,7 @@ def relabel(labels: dict[str, str], rules: tuple[Relabel, ...]) -> dict[str, str
             for name, label_value in list(current.items()):
                 match = rule.regex.match(name)
                 if match:
-                    current[
-                        match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rule.replacement))
-                    ] = label_value
+                    current[_expand(match, rule.replacement)] = label_value
     return current
 
 
@@ -209,11 +232,13 @@ def targets_of(config: ScrapeConfig) -> tuple[list[Target], list[dict[str, str]]
             "__metrics_path__": config.metrics_path, "job": config.job_name, **dict(extra),
         }  # fmt: skip
         labels = relabel(discovered, config.relabel)
-        if labels is None:
+        if labels is None or not labels.get("__address__"):  # no address: Prometheus drops it
             dropped.append(discovered)
             continue
         labels.setdefault("instance", labels["__address__"])
-        url = f"{labels['__scheme__']}://{labels['__address__']}{labels['__metrics_path__']}"
+        scheme = labels.get("__scheme__") or config.scheme
+        path = labels.get("__metrics_path__", config.metrics_path)
+        url = f"{scheme}://{labels['__address__']}{path}"
         public = {k: v for k, v in labels.items() if not k.startswith("__")}
         active.append(Target(config.job_name, url, public, discovered, config))
     return active, dropped
@@ -293,17 +318,22 @@ def parse_exposition(text: str, content_type: str) -> ParsedSamples:
 
 
 def _parse_with_library(text: str, content_type: str) -> ParsedSamples:
+    """prometheus_client's parser; what it raises on a broken body (some of it a bare
+    KeyError or IndexError) becomes the ValueError the scraper reports as the target's error."""
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
     from prometheus_client.parser import text_string_to_metric_families as prometheus_text
 
     parse: Any = openmetrics if "openmetrics" in content_type else prometheus_text
     out: ParsedSamples = []
-    for family in parse(text):
-        for sample in family.samples:
-            exemplar = None
-            if getattr(sample, "exemplar", None) is not None:
-                exemplar = {**sample.exemplar.labels, "value": sample.exemplar.value}
-            out.append((sample.name, dict(sample.labels), float(sample.value), exemplar))
+    try:
+        for family in parse(text):
+            for sample in family.samples:
+                exemplar = None
+                if getattr(sample, "exemplar", None) is not None:
+                    exemplar = {**sample.exemplar.labels, "value": sample.exemplar.value}
+                out.append((sample.name, dict(sample.labels), float(sample.value), exemplar))
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(f"The exposition does not parse: {type(exc).__name__} {exc}") from exc
     return out
 
 

@@ -9,7 +9,6 @@ into `lookout_sdk_client_discarded_total`; every other type is counted as skippe
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 import uuid
@@ -19,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from lookout.errors import IngestError
+from lookout.ingest.jsonbody import load_json
 from lookout.model import Batch, ErrorEvent, JobRun, Span
 
 _AUTH_KEY = re.compile(r"sentry_key\s*=\s*([^,\s]+)")
@@ -52,38 +52,40 @@ class Envelope:
 
 
 def _json_line(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IngestError(f"Envelope {what} is not JSON: {exc}") from exc
+    value = load_json(raw or b"{}", f"Envelope {what}")
     if not isinstance(value, dict):
         raise IngestError(f"Envelope {what} must be a JSON object.")
     return value
 
 
 def parse_envelope(body: bytes) -> Envelope:
-    """Split an envelope into its header and items (explicit or implicit lengths)."""
-    newline = body.find(b"\n")
-    header_raw, rest = (body, b"") if newline < 0 else (body[:newline], body[newline + 1 :])
+    """Split an envelope into its header and items (explicit or implicit lengths). It walks
+    the body by offset: slicing off the rest after each item would copy the body once per
+    item, quadratic in a body of many small items."""
+    header_raw, at = _line(body, 0)
     envelope = Envelope(_json_line(header_raw, "header"))
-    while rest.strip():
-        newline = rest.find(b"\n")
-        item_raw, rest = (rest, b"") if newline < 0 else (rest[:newline], rest[newline + 1 :])
+    while at < len(body):
+        item_raw, at = _line(body, at)
         if not item_raw.strip():
             continue
         item_headers = _json_line(item_raw, "item header")
         length = item_headers.get("length")
         if length is not None:
-            if not isinstance(length, int) or length < 0 or length > len(rest):
+            if not isinstance(length, int) or length < 0 or length > len(body) - at:
                 raise IngestError(f"Envelope item length {length!r} does not fit the body.")
-            payload, rest = rest[:length], rest[length:]
-            if rest.startswith(b"\n"):
-                rest = rest[1:]
+            payload, at = body[at : at + length], at + length
+            if body[at : at + 1] == b"\n":
+                at += 1
         else:
-            newline = rest.find(b"\n")
-            payload, rest = (rest, b"") if newline < 0 else (rest[:newline], rest[newline + 1 :])
+            payload, at = _line(body, at)
         envelope.items.append(Item(str(item_headers.get("type", "")), item_headers, payload))
     return envelope
+
+
+def _line(body: bytes, at: int) -> tuple[bytes, int]:
+    """The line that starts at `at`, without its newline, and where the next one starts."""
+    end = body.find(b"\n", at)
+    return (body[at:], len(body)) if end < 0 else (body[at:end], end + 1)
 
 
 _ACCEPTED_PAST_NS = 7 * 86400 * 10**9
@@ -117,7 +119,39 @@ def _tags(raw: Any) -> dict[str, str]:
 def _exceptions(event: dict[str, Any]) -> list[dict[str, Any]]:
     container = event.get("exception")
     values = container.get("values") if isinstance(container, dict) else container
-    return [v for v in values or [] if isinstance(v, dict)]
+    return [v for v in _array(values) if isinstance(v, dict)]
+
+
+def _seconds(value: Any) -> float | None:
+    """A JSON number as seconds; None for anything else, or an integer past float's range."""
+    if not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _status_code(status: Any) -> str:
+    """A Sentry span status as ours; `status` may be any JSON value (a dict is unhashable)."""
+    return "error" if isinstance(status, str) and status in _STATUS_ERROR else "unset"
+
+
+def _quantity(value: Any) -> int:
+    """A client report's count: a whole number >= 0; any other value counts as 0."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return int(value)
+    return 0
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A field that should hold a JSON object: any other shape counts as absent."""
+    return value if isinstance(value, dict) else {}
+
+
+def _array(value: Any) -> list[Any]:
+    """A field that should hold a JSON array: any other shape counts as absent."""
+    return value if isinstance(value, list) else []
 
 
 def fingerprint(event: dict[str, Any]) -> str:
@@ -129,7 +163,7 @@ def fingerprint(event: dict[str, Any]) -> str:
         parts = []
         for exc in _exceptions(event):
             parts.append(str(exc.get("type", "")))
-            frames = (exc.get("stacktrace") or {}).get("frames") or []
+            frames = _array(_object(exc.get("stacktrace")).get("frames"))
             in_app = [f for f in frames if isinstance(f, dict) and f.get("in_app")] or [
                 f for f in frames if isinstance(f, dict)
             ]
@@ -137,13 +171,13 @@ def fingerprint(event: dict[str, Any]) -> str:
                 f"{f.get('module') or f.get('filename')}:{f.get('function')}" for f in in_app
             )
         if not parts:
-            message = event.get("message") or (event.get("logentry") or {}).get("message") or ""
+            message = event.get("message") or _object(event.get("logentry")).get("message") or ""
             parts = ["message", str(message)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def _trace(event: dict[str, Any]) -> dict[str, Any]:
-    trace = (event.get("contexts") or {}).get("trace") or {}
+    trace = _object(event.get("contexts")).get("trace") or {}
     return trace if isinstance(trace, dict) else {}
 
 
@@ -159,8 +193,8 @@ def error_event(event: dict[str, Any], project_id: int, event_id: str, now_ns: i
     message = str(
         last.get("value")
         or event.get("message")
-        or (event.get("logentry") or {}).get("formatted")
-        or (event.get("logentry") or {}).get("message")
+        or _object(event.get("logentry")).get("formatted")
+        or _object(event.get("logentry")).get("message")
         or ""
     )
     title = f"{exception_type}: {message}" if exception_type else message
@@ -208,7 +242,7 @@ def transaction_spans(event: dict[str, Any], now_ns: int) -> list[Span]:
             kind="server",
             start_ns=start,
             end_ns=max(start, _timestamp_ns(event.get("timestamp"), start)),
-            status_code="error" if trace.get("status") in _STATUS_ERROR else "unset",
+            status_code=_status_code(trace.get("status")),
             status_message=str(trace.get("status") or ""),
             attributes={"sentry.op": trace.get("op"), **tags},
             resource=resource,
@@ -216,7 +250,7 @@ def transaction_spans(event: dict[str, Any], now_ns: int) -> list[Span]:
             source="sentry",
         )
     ]
-    for child in event.get("spans") or []:
+    for child in _array(event.get("spans")):
         if not isinstance(child, dict):
             continue
         span_id = _valid(child.get("span_id"), _HEX16)
@@ -233,12 +267,12 @@ def transaction_spans(event: dict[str, Any], now_ns: int) -> list[Span]:
                 kind="internal",
                 start_ns=child_start,
                 end_ns=max(child_start, _timestamp_ns(child.get("timestamp"), child_start)),
-                status_code="error" if child.get("status") in _STATUS_ERROR else "unset",
+                status_code=_status_code(child.get("status")),
                 status_message=str(child.get("status") or ""),
                 attributes={
                     "sentry.op": child.get("op"),
                     **_tags(child.get("tags")),
-                    **(child.get("data") or {}),
+                    **_object(child.get("data")),
                 },
                 resource=resource,
                 scope="sentry",
@@ -256,7 +290,7 @@ def job_run(check_in: dict[str, Any], project_id: int, now_ns: int) -> JobRun:
         monitor=str(check_in.get("monitor_slug") or ""),
         status=str(check_in.get("status") or ""),
         ts_ns=now_ns,
-        duration_s=float(duration) if isinstance(duration, int | float) else None,
+        duration_s=_seconds(duration),
         environment=str(check_in.get("environment") or ""),
         project_id=project_id,
         trace_id=_valid(trace.get("trace_id"), _HEX32),
@@ -277,11 +311,24 @@ def _payload_json(item: Item) -> dict[str, Any]:
     return _json_line(item.payload, f"{item.type} item")
 
 
-def read_envelope(body: bytes, project_id: int, now_ns: int | None = None) -> Intake:
+def _event_size(size: int, limit: int | None) -> None:
+    if limit is not None and size > limit:
+        raise IngestError(
+            f"An event of {size} bytes is over the {limit}-byte limit.",
+            status=413,
+            reason="event_too_large",
+        )
+
+
+def read_envelope(
+    body: bytes, project_id: int, now_ns: int | None = None, max_event_bytes: int | None = None
+) -> Intake:
     now = time.time_ns() if now_ns is None else now_ns
     envelope = parse_envelope(body)
     intake = Intake(event_id=str(envelope.headers.get("event_id") or ""))
     for item in envelope.items:
+        if item.type in ("event", "transaction"):
+            _event_size(len(item.payload), max_event_bytes)
         if item.type == "event":
             event = _payload_json(item)
             event_id = _event_id(event.get("event_id") or intake.event_id)
@@ -295,20 +342,23 @@ def read_envelope(body: bytes, project_id: int, now_ns: int | None = None) -> In
             intake.batch.job_runs.append(job_run(_payload_json(item), project_id, now))
         elif item.type == "client_report":
             report = _payload_json(item)
-            for entry in report.get("discarded_events") or []:
+            for entry in _array(report.get("discarded_events")):
                 if isinstance(entry, dict):
                     intake.discarded.append(
                         (str(entry.get("reason")), str(entry.get("category")),
-                         int(entry.get("quantity") or 0))
+                         _quantity(entry.get("quantity")))
                     )  # fmt: skip
         else:
             intake.skipped.append(item.type or "unknown")
     return intake
 
 
-def read_store(body: bytes, project_id: int, now_ns: int | None = None) -> Intake:
+def read_store(
+    body: bytes, project_id: int, now_ns: int | None = None, max_event_bytes: int | None = None
+) -> Intake:
     """`/store/`: one event as a bare JSON object."""
     now = time.time_ns() if now_ns is None else now_ns
+    _event_size(len(body), max_event_bytes)
     event = _json_line(body, "event")
     intake = Intake(event_id=_event_id(event.get("event_id")))
     intake.batch.events.append(error_event(event, project_id, intake.event_id, now))

@@ -6,14 +6,21 @@ from collections.abc import Awaitable, Callable
 
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lookout.errors import IngestError
+from lookout.ingest.auth import Access, Credentials, access_of
+from lookout.ingest.otlp import is_json
 from lookout.server import api, intake
 from lookout.server.errors import error_response
 from lookout.server.runtime import ServerRuntime
 from lookout.server.selfobserve import ingest_tracer_provider
+from lookout.store import damages_in, unacknowledged
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -24,9 +31,21 @@ async def healthz(_: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     runtime: ServerRuntime = request.app.state.runtime
-    if runtime.ready():
-        return JSONResponse({"status": "ready"})
-    return error_response(503, "not_ready", "The store's writer is not running.")
+    if not runtime.ready():
+        return error_response(503, "not_ready", "The store's writer is not running.")
+    data_dir = runtime.database.data_dir
+    folders = unacknowledged(data_dir)
+    if folders:  # damaged files were set aside: degraded until an operator acknowledges
+        body = {
+            "status": "degraded",
+            "quarantine": [str(f.relative_to(data_dir)) for f in folders],
+            "damaged": [d.path for f in folders for d in damages_in(f)],
+            "message": "Damaged store files were moved to quarantine (see report.json in "
+            "each folder). Acknowledge with `lookout store ack-corruption --data-dir "
+            f"{data_dir}`.",
+        }
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "ready"})
 
 
 def _traced(runtime: ServerRuntime, name: str, route: Endpoint) -> Endpoint:
@@ -64,9 +83,54 @@ async def _method_not_allowed(request: Request, _: Exception) -> Response:
 
 
 def _app(runtime: ServerRuntime, routes: list[Route]) -> Starlette:
-    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _method_not_allowed})
+    app = Starlette(
+        routes=routes,
+        exception_handlers={404: _not_found, 405: _method_not_allowed},
+        middleware=[Middleware(Guard, runtime=runtime)],
+    )
     app.state.runtime = runtime
     return app
+
+
+class Guard:
+    """Asks each request for the credential its path needs (ingest/auth.py) before any
+    route runs; a refusal is 401 (none sent) or 403 (wrong one), counted by reason."""
+
+    def __init__(self, app: ASGIApp, runtime: ServerRuntime) -> None:
+        self.app = app
+        self.runtime = runtime
+        config = runtime.config
+        self.credentials = Credentials(
+            config.ingest_tokens, config.query_tokens, config.query_users
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        access = access_of(path)
+        headers = Headers(scope=scope)
+        try:
+            project = self.credentials.check(access, headers.get("authorization"))
+        except IngestError as exc:
+            self.runtime.metrics.rejected.labels(access.value, exc.reason).inc()
+            challenge = {"WWW-Authenticate": 'Bearer realm="lookout"'}
+            if access is Access.QUERY and self.credentials.query_users:
+                challenge = {"WWW-Authenticate": 'Basic realm="lookout", charset="UTF-8"'}
+            extra = challenge if exc.status == 401 else {}
+            if path.startswith("/v1/"):
+                content_type = headers.get("content-type", "")
+                response = intake.otlp_error(is_json(content_type))(
+                    exc.status, exc.reason, str(exc), extra
+                )
+            else:
+                response = error_response(exc.status, exc.reason, str(exc), extra)
+            await response(scope, receive, send)
+            return
+        if project is not None:
+            scope.setdefault("state", {})["project_id"] = project
+        await self.app(scope, receive, send)
 
 
 async def targets(request: Request) -> Response:

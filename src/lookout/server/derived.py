@@ -16,6 +16,7 @@ MAX_SERIES label sets; past that, new ones are dropped and counted.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Sequence
 
@@ -96,16 +97,24 @@ class DerivedMetrics:
         events: Sequence[ErrorEvent],
         runs: Sequence[JobRun],
     ) -> None:
-        """Count records the writer has just committed."""
+        """Count records the writer has just committed: grouped by label set first, so
+        each series is looked up once per commit, not once per record."""
+        durations: dict[tuple[str, ...], list[float]] = collections.defaultdict(list)
+        calls: dict[tuple[str, ...], float] = collections.defaultdict(float)
         for span in spans:
-            labels = (span.service, span.name, span.kind, span.status_code)
-            if self._admit("traces_span_metrics", labels):
-                self.calls.labels(*labels).inc(span.adjusted_count)
-                self.duration.labels(*labels).observe(max(0, span.end_ns - span.start_ns) / 1e9)
-        for record in logs:
-            log_labels = (record.service, record.level)
+            key = (span.service, span.name, span.kind, span.status_code)
+            calls[key] += span.adjusted_count
+            durations[key].append(max(0, span.end_ns - span.start_ns) / 1e9)
+        for group, seconds in durations.items():
+            if self._admit("traces_span_metrics", group):
+                self.calls.labels(*group).inc(calls[group])
+                child = self.duration.labels(*group)
+                for value in seconds:
+                    child.observe(value)
+        levels = collections.Counter((record.service, record.level) for record in logs)
+        for log_labels, count in levels.items():
             if self._admit("lookout_log_records", log_labels):
-                self.logs.labels(*log_labels).inc()
+                self.logs.labels(*log_labels).inc(count)
         for event in events:
             error_labels = (event.service, issue_id(event.project_id, event.fingerprint))
             if self._admit("lookout_error_events", error_labels):

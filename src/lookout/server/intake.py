@@ -15,10 +15,10 @@ from typing import Protocol
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lookout.errors import IngestError, StoreBusyError, StoreError
+from lookout.errors import DiskFullError, IngestError, StoreBusyError, StoreError
 from lookout.ingest import lines, loki, otlp, sentry
 from lookout.ingest import metrics as otlp_metrics
-from lookout.ingest.bodies import decompress
+from lookout.ingest.bodies import Inflater
 from lookout.model import Batch
 from lookout.server.errors import error_response
 from lookout.server.runtime import ServerRuntime
@@ -46,7 +46,9 @@ async def _body(request: Request, runtime: ServerRuntime) -> bytes:
             status=413,
             reason="too_large",
         )
-    parts: list[bytes] = []
+    # Decompressed as it arrives: a bomb is refused at `limit` bytes of output, and the
+    # compressed body is never held whole beside its expansion.
+    inflater = Inflater(request.headers.get("content-encoding", ""), limit)
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -54,8 +56,8 @@ async def _body(request: Request, runtime: ServerRuntime) -> bytes:
             raise IngestError(
                 f"Body is over the {limit}-byte limit.", status=413, reason="too_large"
             )
-        parts.append(chunk)
-    return decompress(b"".join(parts), request.headers.get("content-encoding", ""), limit)
+        inflater.feed(chunk)
+    return inflater.finish()
 
 
 class ErrorBody(Protocol):
@@ -84,6 +86,9 @@ async def _guarded(
     except StoreBusyError as exc:
         runtime.metrics.rejected.labels(endpoint, "busy").inc()
         response = error_response(503, "busy", str(exc), {"Retry-After": "1"})
+    except DiskFullError as exc:
+        runtime.metrics.rejected.labels(endpoint, "disk_full").inc()
+        response = error_response(503, "disk_full", str(exc), {"Retry-After": "60"})
     except StoreError as exc:
         response = error_response(503, "store_unavailable", str(exc), {"Retry-After": "5"})
     runtime.metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -178,7 +183,7 @@ async def _sentry(request: Request, kind: str) -> Response:
         _authenticate(request, runtime, project_id)
         body = await _body(request, runtime)
         read = sentry.read_envelope if kind == "envelope" else sentry.read_store
-        intake = read(body, project_id)
+        intake = read(body, project_id, max_event_bytes=runtime.limits.max_event_bytes)
         for reason, category, quantity in intake.discarded:
             runtime.metrics.client_discarded.labels(reason, category).inc(quantity)
         for item_type in intake.skipped:

@@ -10,16 +10,21 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import uvicorn
 
 import lookout.sdk
 from lookout.config import ServerConfig
+from lookout.server import integrity
 from lookout.server.app import main_app, otlp_app
 from lookout.server.runtime import ServerRuntime
 from lookout.server.scraper import Scraper
 from lookout.server.selfobserve import compact_forever, observe_forever
+from lookout.store import Retention
+
+RETAIN_EVERY_S = 60.0
 
 
 class _Server(uvicorn.Server):
@@ -30,17 +35,38 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _uvicorn(app: object, host: str, port: int) -> _Server:
-    config = uvicorn.Config(
+async def retain_forever(runtime: ServerRuntime, every_s: float = RETAIN_EVERY_S) -> None:
+    """Enforce `retention` now (after the startup compaction) and then every `every_s`."""
+    log = lookout.sdk.get_logger("lookout.server")
+    retention = Retention(runtime.database, runtime.config.retention, runtime.metrics)
+    while True:
+        try:
+            report = await asyncio.wrap_future(retention.submit(runtime.writer, time.time()))
+        except Exception as exc:  # noqa: BLE001 - a failed run is retried at the next
+            log.warning("retention_failed", error=repr(exc))
+        else:
+            if report.closed:
+                log.info("retention_closed_early", partitions=len(report.closed))
+            for drop in report.dropped:
+                log.info("retention_dropped", signal=drop.signal, day=drop.day,
+                         reason=drop.reason, bytes=drop.bytes)  # fmt: skip
+        await asyncio.sleep(every_s)
+
+
+def _uvicorn(app: object, config: ServerConfig, port: int) -> _Server:
+    tls = config.tls_cert is not None and config.tls_key is not None
+    settings = uvicorn.Config(
         app,  # type: ignore[arg-type]
-        host=host,
+        host=config.host,
         port=port,
         log_config=None,
         access_log=False,
         lifespan="off",
         server_header=False,
+        ssl_certfile=str(config.tls_cert) if tls else None,
+        ssl_keyfile=str(config.tls_key) if tls else None,
     )
-    return _Server(config)
+    return _Server(settings)
 
 
 async def serve(config: ServerConfig) -> int:
@@ -55,10 +81,12 @@ async def serve(config: ServerConfig) -> int:
     )
     log = lookout.sdk.get_logger("lookout.server")
     runtime = ServerRuntime.open(config)
+    startup = runtime.database.quarantine
+    integrity.report(runtime, startup, startup.damages)  # CRITICAL, counted, /readyz degraded
     app = main_app(runtime)
-    servers = [_uvicorn(app, config.host, config.port)]
+    servers = [_uvicorn(app, config, config.port)]
     if config.otlp_port:
-        servers.append(_uvicorn(otlp_app(runtime), config.host, config.otlp_port))
+        servers.append(_uvicorn(otlp_app(runtime), config, config.otlp_port))
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -70,20 +98,23 @@ async def serve(config: ServerConfig) -> int:
     instance = f"{config.host}:{config.port}"
     observer = asyncio.create_task(observe_forever(runtime, instance))
     compactor = asyncio.create_task(compact_forever(runtime))
+    retainer = asyncio.create_task(retain_forever(runtime))  # queued after the compaction
+    verifier = asyncio.create_task(integrity.verify_parquet(runtime))
     scraper = Scraper(runtime, config.scrape_configs)
     app.state.scraper = scraper  # /api/v1/targets reads its view
     scraping = asyncio.create_task(scraper.run())
+    scheme = "https" if config.tls_cert else "http"
     log.info(
         "lookout_server_started",
-        url=f"http://{config.host}:{config.port}",
-        otlp_url=f"http://{config.host}:{config.otlp_port}" if config.otlp_port else None,
+        url=f"{scheme}://{config.host}:{config.port}",
+        otlp_url=f"{scheme}://{config.host}:{config.otlp_port}" if config.otlp_port else None,
         data_dir=str(config.data_dir),
         schema_version=runtime.database.schema_version,
     )
     try:
         await asyncio.gather(*(server.serve() for server in servers))
     finally:
-        for task in (observer, compactor, scraping):
+        for task in (observer, compactor, retainer, verifier, scraping):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from dataclasses import dataclass, field
 
 from lookout.config import Project, ServerConfig
-from lookout.errors import StoreError
+from lookout.errors import DiskFullError, StoreError
 from lookout.ingest.limits import Limits
+from lookout.ingest.scrub import BatchScrubber
 from lookout.model import Batch
 from lookout.sdk._scrub import Scrubber
 from lookout.selfmetrics import ServerMetrics
@@ -25,15 +27,23 @@ class ServerRuntime:
     derived: DerivedMetrics = field(default_factory=DerivedMetrics)
     limits: Limits = field(default_factory=Limits)
     started_ns: int = field(default_factory=time.time_ns)
+    _scrub_batch: BatchScrubber | None = field(default=None, init=False, repr=False)
+    _disk_checked_s: float = field(default=-1.0, init=False, repr=False)
+    _disk_full: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def open(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> ServerRuntime:
         metrics = metrics or ServerMetrics()
         derived = DerivedMetrics()
         database = Database(config.data_dir)
-        writer = Writer(database, metrics, on_commit=derived.observe)
+        megabytes = max(64, config.store_memory_limit // (1024 * 1024))  # an int: not input
+        database.connection.execute(f"SET memory_limit = '{megabytes}MiB'")
+        writer = Writer(database, metrics, on_commit=derived.observe, limits=config.limits)
         writer.start()
-        return cls(config, database, writer, metrics, derived)
+        runtime = cls(config, database, writer, metrics, derived, config.limits)
+        if config.scrub:
+            runtime._scrub_batch = BatchScrubber(runtime.scrubber)
+        return runtime
 
     @property
     def scrubber(self) -> Scrubber:
@@ -47,11 +57,35 @@ class ServerRuntime:
         return self.writer.alive
 
     async def store(self, batch: Batch) -> int:
-        """Write a request's records and wait for the commit."""
+        """Scrub a request's records, write them and wait for the commit."""
         if not len(batch) and batch.dedup_key is None:
             return 0
+        self.check_disk()
+        if self._scrub_batch is not None:
+            self._scrub_batch(batch)
         future = self.writer.submit(batch)
         return await asyncio.wrap_future(future)
+
+    def check_disk(self) -> None:
+        """DiskFullError while the data directory's disk is fuller than the limit (looked
+        at once a second at most)."""
+        now = time.monotonic()
+        if now - self._disk_checked_s >= 1.0:
+            self._disk_checked_s = now
+            try:
+                usage = shutil.disk_usage(self.config.data_dir)
+            except OSError:
+                return
+            ratio = usage.used / usage.total if usage.total else 0.0
+            self._disk_full = ratio >= self.limits.disk_full_ratio
+            self.metrics.disk_used_ratio.set(ratio)
+            self.metrics.disk_full.set(1 if self._disk_full else 0)
+        if self._disk_full:
+            raise DiskFullError(
+                f"The disk of {self.config.data_dir} is at least "
+                f"{self.limits.disk_full_ratio:.0%} full; ingest resumes when space is freed "
+                "(retention, or a larger disk)."
+            )
 
     def close(self) -> None:
         self.writer.stop()

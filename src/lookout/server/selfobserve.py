@@ -91,6 +91,7 @@ def ingest_tracer_provider(runtime: ServerRuntime) -> TracerProvider:
 
 
 COMPACT_EVERY_S = 3600.0
+CHECKPOINT_EVERY_S = 300.0
 
 
 def yesterday(now_s: float) -> str:
@@ -99,11 +100,18 @@ def yesterday(now_s: float) -> str:
 
 
 async def compact_forever(runtime: ServerRuntime) -> None:
-    """Move closed days to Parquet at startup and then every hour, on the writer thread."""
+    """At startup and then every hour, move every day table to Parquet, today's too; in
+    between, checkpoint the WAL every five minutes. Both on the writer thread. They bound
+    what a damaged database file (an hour) or WAL (five minutes) can cost: see recovery.py."""
     log = lookout.sdk.get_logger("lookout.server")
     while True:
         try:
-            await asyncio.wrap_future(runtime.writer.close_days_before(yesterday(time.time())))
+            await asyncio.wrap_future(runtime.writer.flush(time.time_ns()))
         except Exception as exc:  # noqa: BLE001 - a failed compaction is retried next hour
             log.warning("compaction_failed", error=repr(exc))
-        await asyncio.sleep(COMPACT_EVERY_S)
+        for _ in range(round(COMPACT_EVERY_S / CHECKPOINT_EVERY_S)):
+            await asyncio.sleep(CHECKPOINT_EVERY_S)
+            try:
+                await asyncio.wrap_future(runtime.writer.checkpoint(time.time_ns()))
+            except Exception as exc:  # noqa: BLE001 - retried five minutes later
+                log.warning("checkpoint_failed", error=repr(exc))

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 
 from lookout.errors import StoreError
+from lookout.store import recovery
+from lookout.store.quarantine import Damage, Quarantine
 from lookout.store.schema import DAY_TABLES, MIGRATIONS, SCHEMA_VERSION, day_table
 
 BUILTIN_EXTENSIONS = ("json", "parquet", "icu")
 DB_FILE = "lookout.duckdb"
+# Rows per Parquet row group: the unit a filter on its min/max statistics can skip.
+ROW_GROUP = 20_000
 
 
 class Database:
@@ -28,21 +33,26 @@ class Database:
         except OSError as exc:
             raise StoreError(f"Cannot create data directory {data_dir}: {exc.strerror}.") from exc
         self.path = data_dir / DB_FILE
+        # Damaged files never stop startup: they move to quarantine/ (see recovery.py).
+        self.quarantine = Quarantine(data_dir, datetime.now(UTC))
         try:
-            # Nothing may be downloaded at run time: extensions come built in or not at all.
-            self.connection = duckdb.connect(
-                str(self.path), config={"autoinstall_known_extensions": False}
-            )
+            opened = recovery.open_database(self.path, self.quarantine)
         except duckdb.Error as exc:
             raise StoreError(f"Cannot open the store {self.path}: {exc}") from exc
+        self.connection = opened.connection
+        self.commits = opened.commits
         self.lock = threading.RLock()
         self.partitions: dict[str, set[str]] = {signal: set() for signal in DAY_TABLES}
         # Closed days, moved out of the database into Parquet files: signal -> day -> paths.
         self.files: dict[str, dict[str, list[str]]] = {signal: {} for signal in DAY_TABLES}
         self._check_extensions()
         self.schema_version = self._migrate()
+        recovery.restore(self.connection, data_dir, opened.restore, self.quarantine)
+        recovery.check_series_snapshots(self.connection, data_dir, self.quarantine, time.time_ns())
         self._load_partitions()
         self._refresh_views(set(DAY_TABLES))
+        if "issues" in opened.restore:
+            recovery.restore_issues(self.connection)
 
     def _check_extensions(self) -> None:
         rows = self.connection.execute(
@@ -89,14 +99,48 @@ class Database:
         listed = set()
         rows = self.connection.execute("SELECT signal, day, path FROM partition_files").fetchall()
         for signal, day, path in rows:
-            if (self.data_dir / path).exists():
+            problem = recovery.parquet_damage(self.data_dir / path)
+            if problem is None:
                 self.files[signal].setdefault(day, []).append(path)
+            elif (self.data_dir / path).exists():  # damaged, not missing: set it aside
+                self._unlist(path)
+                damage = Damage(path, "parquet", problem, recovery.lost_in_file(path))
+                self.quarantine.move(self.data_dir / path, damage)
             listed.add(path)
         # A file whose compaction never committed duplicates a table that is still there.
         # Paths are kept relative to the data directory, so a moved store still matches.
-        for found in self.data_dir.glob("*/*.parquet*"):
-            if str(found.relative_to(self.data_dir)) not in listed:
-                found.unlink(missing_ok=True)
+        for signal in DAY_TABLES:
+            for found in (self.data_dir / signal).glob("*.parquet*"):
+                if str(found.relative_to(self.data_dir)) not in listed:
+                    found.unlink(missing_ok=True)
+
+    def _unlist(self, path: str) -> None:
+        self.connection.execute("DELETE FROM partition_files WHERE path = ?", [path])
+
+    def quarantine_file(self, path: str, damage: Damage, quarantine: Quarantine) -> bool:
+        """Take a damaged Parquet file out of its view and move it to `quarantine`
+        (on the writer thread, between transactions); False when it is gone already."""
+        if not (self.data_dir / path).exists():
+            return False  # dropped by retention meanwhile
+        with self.lock:
+            signals = set()
+            for signal, days in self.files.items():
+                for day, paths in list(days.items()):
+                    if path in paths:
+                        paths.remove(path)
+                        signals.add(signal)
+                        if not paths:
+                            del days[day]
+            self.connection.execute("BEGIN TRANSACTION")
+            try:
+                self._unlist(path)
+                self._refresh_views(signals)
+                self.connection.execute("COMMIT")
+            except BaseException:
+                self.connection.execute("ROLLBACK")
+                raise
+        quarantine.move(self.data_dir / path, damage)
+        return True
 
     def ensure_partition(self, signal: str, day: str) -> bool:
         """Create the day table inside the caller's transaction; True when it is new."""
@@ -141,20 +185,32 @@ class Database:
         The file is written and renamed into place first, then one transaction lists it,
         drops the table and swaps the view. A crash in between leaves an unlisted file,
         which the next startup deletes; the table is still there, so nothing is lost.
+        The file's name carries its content digest, checked after each startup.
         """
         table = day_table(signal, day)
         folder = self.data_dir / signal
         folder.mkdir(exist_ok=True)
-        final = folder / f"{day}-{time.time_ns()}.parquet"
-        partial = final.with_suffix(".parquet.partial")
-        relative = str(final.relative_to(self.data_dir))
+        stem = f"{day}-{time.time_ns()}"
+        partial = folder / f"{stem}.parquet.partial"
         connection = self.connection
         with self.lock:
             rows = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
             count = int(rows[0]) if rows else 0
             target = str(partial).replace("'", "''")
-            connection.execute(f"COPY {table} TO '{target}' (FORMAT parquet)")
-            partial.rename(final)
+            # Spans sorted by trace_key in small row groups: a trace lookup reads the one
+            # row group whose min/max holds its key. One thread: a parallel COPY of a big
+            # table runs out of a small memory_limit (seen at 2 M spans and 256 MiB).
+            source = f"(SELECT * FROM {table} ORDER BY trace_key)" if signal == "spans" else table
+            connection.execute("SET threads = 1")
+            try:
+                connection.execute(
+                    f"COPY {source} TO '{target}' (FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP})"
+                )
+            finally:
+                connection.execute("RESET threads")
+            final = folder / f"{stem}-{recovery.file_digest(partial)}.parquet"
+            relative = str(final.relative_to(self.data_dir))
+            recovery.durable_rename(partial, final)
             connection.execute("BEGIN TRANSACTION")
             try:
                 connection.execute(
@@ -179,6 +235,48 @@ class Database:
                 raise
         return count
 
+    def drop_days(self, days: list[tuple[str, str]]) -> int:
+        """Drop whole partitions, (signal, day): their day tables and Parquet files (retention).
+
+        One transaction unlists the files, drops the tables and swaps the views; the files
+        are deleted after the commit. A crash in between leaves unlisted files, which the
+        next startup deletes. Returns the files deleted.
+        """
+        connection = self.connection
+        signals = {signal for signal, _ in days}
+        tables: set[tuple[str, str]] = set()
+        files: dict[tuple[str, str], list[str]] = {}
+        with self.lock:
+            connection.execute("BEGIN TRANSACTION")
+            try:
+                for signal, day in days:
+                    where = [signal, day]
+                    connection.execute(
+                        "DELETE FROM partition_files WHERE signal = ? AND day = ?", where
+                    )
+                    files[signal, day] = self.files[signal].pop(day, [])
+                    if day in self.partitions[signal]:
+                        connection.execute(
+                            "DELETE FROM partitions WHERE signal = ? AND day = ?", where
+                        )
+                        connection.execute(f"DROP TABLE {day_table(signal, day)}")
+                        self.partitions[signal].discard(day)
+                        tables.add((signal, day))
+                self._refresh_views(signals)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                for (signal, day), paths in files.items():
+                    if paths:
+                        self.files[signal][day] = paths
+                for signal, day in tables:
+                    self.partitions[signal].add(day)
+                raise
+        for paths in files.values():
+            for path in paths:
+                (self.data_dir / path).unlink(missing_ok=True)
+        return sum(len(paths) for paths in files.values())
+
     def closed_days(self, before_day: str) -> list[tuple[str, str]]:
         """(signal, day) of every table partition older than `before_day`."""
         return sorted(
@@ -189,8 +287,10 @@ class Database:
         )
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A cursor of its own for a reader thread."""
-        return self.connection.cursor()
+        """A cursor of its own for a reader thread (no progress bar on stdout either)."""
+        cursor = self.connection.cursor()
+        cursor.execute("SET enable_progress_bar = false")
+        return cursor
 
     def close(self) -> None:
         with self.lock:
@@ -198,3 +298,4 @@ class Database:
                 self.connection.execute("CHECKPOINT")
             finally:
                 self.connection.close()
+                self.commits.mark.close()

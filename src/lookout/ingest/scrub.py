@@ -1,0 +1,96 @@
+"""Server-side scrubbing: the SDK's scrubber run on every record before it is stored.
+
+Services that do not use the SDK (a collector, Promtail, a plain sentry-sdk) send raw data,
+and an SDK can be misconfigured, so the server applies the same rules again (idempotent:
+scrubbed text stays as it is). Config key `scrub` turns it off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lookout.model import Batch
+from lookout.sdk._scrub import Scrubber
+
+_LABEL_CACHE_MAX = 200_000
+# Strings up to this long are remembered once scrubbed (names, routes, label values).
+_CACHED_TEXT = 256
+
+
+class BatchScrubber:
+    """Scrubs a batch in place: free text, attribute maps, event payloads, metric labels.
+
+    One instance serves the whole server: what a short string became is remembered (a
+    bounded cache), since names, routes and attribute values repeat from batch to batch."""
+
+    def __init__(self, scrubber: Scrubber) -> None:
+        self.scrubber = scrubber
+        # Label pairs repeat on every scrape and export: scrub each distinct one once.
+        self._labels: dict[tuple[str, str], str] = {}
+
+    def __call__(self, batch: Batch) -> None:
+        scrub = self.scrubber
+        text, value, mapping = self._text, scrub.scrub_value, self._mapping
+        # Records of one resource share its attribute map: scrub each map once.
+        resources: dict[int, dict[str, Any]] = {}
+
+        def resource(attributes: dict[str, Any]) -> dict[str, Any]:
+            found = resources.get(id(attributes))
+            if found is None:
+                found = resources[id(attributes)] = mapping(attributes)
+            return found
+
+        for span in batch.spans:
+            span.name = text(span.name)
+            span.status_message = text(span.status_message)
+            span.attributes = mapping(span.attributes)
+            span.resource = resource(span.resource)
+            if span.events:
+                span.events = value(span.events)
+            if span.links:
+                span.links = value(span.links)
+        for record in batch.logs:
+            record.body = text(record.body)
+            record.attributes = mapping(record.attributes)
+            record.resource = resource(record.resource)
+        for event in batch.events:
+            event.title = text(event.title)
+            event.message = text(event.message)
+            event.user = mapping(event.user)
+            event.tags = {k: str(v) for k, v in mapping(event.tags).items()}
+            event.payload = mapping(event.payload)
+        for sample in batch.samples:
+            labels = sample.labels
+            if any(self._label(k, v) != v for k, v in labels.items()):
+                sample.labels = {k: self._label(k, v) for k, v in labels.items()}
+            if sample.exemplar:
+                sample.exemplar = mapping(sample.exemplar)
+        for run in batch.job_runs:
+            run.monitor = text(run.monitor)
+
+    def _text(self, text: str) -> str:
+        if len(text) > _CACHED_TEXT:
+            return self.scrubber.scrub_text(text)
+        return self._label("", text)
+
+    def _mapping(self, mapping: dict[str, Any]) -> dict[str, Any]:
+        """scrub_mapping, remembering short string values: attribute values repeat."""
+        field = self.scrubber.scrub_field
+        return {
+            key: self._label(key, value)
+            if isinstance(value, str) and len(value) <= _CACHED_TEXT
+            else field(str(key), value)
+            for key, value in mapping.items()
+        }
+
+    def _label(self, key: str, label: str) -> str:
+        """The scrubbed value of one key and string value (free text: key ""), remembered."""
+        found = self._labels.get((key, label))
+        if found is None:
+            if len(self._labels) >= _LABEL_CACHE_MAX:
+                self._labels.clear()
+            scrub = self.scrubber
+            scrubbed = scrub.scrub_field(key, label) if key else scrub.scrub_text(label)
+            found = label if scrubbed == label else str(scrubbed)
+            self._labels[key, label] = found
+        return found
