@@ -70,7 +70,7 @@ def run_chunk(name: str, examples: int, seed: int) -> ChunkReport:
     except AssertionError as exc:  # UncaughtError, after hypothesis shrank the input
         report.failures.append(str(exc)[:2000])
     except Exception as exc:  # a mutator's bug: this chunk is lost, the others go on
-        report.harness_errors.append(f"{type(exc).__name__}: {str(exc)[:2000]}")
+        report.harness_errors.append(f"seed {seed}: {type(exc).__name__}: {str(exc)[:2000]}")
     return report
 
 

@@ -133,7 +133,12 @@ def start_server(
         except httpx.TransportError:
             return False
 
-    wait_until(ready, 30, "lookout server to be ready")
+    try:
+        wait_until(ready, 30, "lookout server to be ready")
+    except BaseException:
+        process.kill()  # never leave a server behind a failed start
+        process.wait(10)
+        raise
     return server
 
 

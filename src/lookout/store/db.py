@@ -198,14 +198,23 @@ class Database:
             count = int(rows[0]) if rows else 0
             target = str(partial).replace("'", "''")
             # Spans sorted by trace_key in small row groups: a trace lookup reads the one
-            # row group whose min/max holds its key. One thread: a parallel COPY of a big
-            # table runs out of a small memory_limit (seen at 2 M spans and 256 MiB).
-            source = f"(SELECT * FROM {table} ORDER BY trace_key)" if signal == "spans" else table
+            # row group whose min/max holds its key. When the sort does not fit in the
+            # memory limit (seen at 10 M spans and 256 MiB), the file is written unsorted.
+            # One thread: a parallel COPY of a big table runs out of a small memory_limit
+            # (seen at 2 M spans and 256 MiB).
+            copy = f"TO '{target}' (FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP})"
             connection.execute("SET threads = 1")
             try:
-                connection.execute(
-                    f"COPY {source} TO '{target}' (FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP})"
-                )
+                if signal == "spans":
+                    try:
+                        connection.execute(
+                            f"COPY (SELECT * FROM {table} ORDER BY trace_key) {copy}"
+                        )
+                    except duckdb.OutOfMemoryException:
+                        partial.unlink(missing_ok=True)
+                        connection.execute(f"COPY {table} {copy}")
+                else:
+                    connection.execute(f"COPY {table} {copy}")
             finally:
                 connection.execute("RESET threads")
             final = folder / f"{stem}-{recovery.file_digest(partial)}.parquet"
