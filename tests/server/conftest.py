@@ -96,9 +96,14 @@ class RunningServer:
 
 
 def start_server(
-    data_dir: Path, *args: str, env: dict[str, str] | None = None, verify: str | None = None
+    data_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    verify: str | None = None,
+    probe: str = "/readyz",
 ) -> RunningServer:
-    """A real `lookout server`; `verify` is the CA file when it serves HTTPS."""
+    """A real `lookout server`; `verify` is the CA file when it serves HTTPS; `probe` is
+    the path waited for (`/healthz` for a store whose /readyz may say degraded)."""
     port, otlp_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "lookout", "server", "--data-dir", str(data_dir),
@@ -128,13 +133,13 @@ def start_server(
             if verify is not None:
                 url = server.url.replace("http://", "https://")
                 trusted = ssl.create_default_context(cafile=verify)
-                return httpx.get(f"{url}/readyz", timeout=1, verify=trusted).status_code == 200
-            return httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200
+                return httpx.get(f"{url}{probe}", timeout=1, verify=trusted).status_code == 200
+            return httpx.get(f"{server.url}{probe}", timeout=1).status_code == 200
         except httpx.TransportError:
             return False
 
     try:
-        wait_until(ready, 30, "lookout server to be ready")
+        wait_until(ready, 30, f"lookout server to answer {probe}")
     except BaseException:
         process.kill()  # never leave a server behind a failed start
         process.wait(10)

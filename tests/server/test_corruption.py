@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ from lookout.store import (
     unacknowledged,
 )
 from lookout.store.schema import day_of
-from tests.server.conftest import DSN_KEY, RunningServer
+from tests.server.conftest import RunningServer, start_server
 from tests.support import ROOT, free_port, wait_until
 
 DAY_NS = 86_400 * 10**9
@@ -89,34 +88,7 @@ def store(built: Path, tmp_path: Path) -> Path:
 
 def start(data_dir: Path) -> RunningServer:
     """A real `lookout server`, waited for on /healthz (its /readyz may say degraded)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lookout", "server", "--data-dir", str(data_dir),
-         "--port", str(port), "--otlp-port", "0"],
-        cwd=ROOT, env={**os.environ, "LOOKOUT_SENTRY_KEYS": f"1={DSN_KEY}",
-                       "LOOKOUT_SELF_OBSERVE_INTERVAL": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    server = RunningServer(f"http://127.0.0.1:{port}", "", data_dir, process)
-
-    def drain() -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            server.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    server.drainer = threading.Thread(target=drain, daemon=True)
-    server.drainer.start()
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError("lookout server exited:\n" + "\n".join(server.lines[-30:]))
-        try:
-            return httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(healthy, 30, "lookout server to answer /healthz")
-    return server
+    return start_server(data_dir, env={"LOOKOUT_SELF_OBSERVE_INTERVAL": "1"}, probe="/healthz")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ A 2xx goes out only after the request's records are committed. A client's mistak
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -19,6 +18,7 @@ from lookout.errors import DiskFullError, IngestError, StoreBusyError, StoreErro
 from lookout.ingest import lines, loki, otlp, sentry
 from lookout.ingest import metrics as otlp_metrics
 from lookout.ingest.bodies import Inflater
+from lookout.ingest.jsonbody import load_json
 from lookout.model import Batch
 from lookout.server.errors import error_response
 from lookout.server.runtime import ServerRuntime
@@ -199,10 +199,7 @@ async def shipped_lines(request: Request) -> Response:
 
     async def handle(runtime: ServerRuntime) -> Response:
         body = await _body(request, runtime)
-        try:
-            document = json.loads(body)
-        except ValueError as exc:
-            raise IngestError(f"A lines batch must be JSON: {exc}") from exc
+        document = load_json(body, "A lines batch")  # deep or broken JSON: a clear 400
         key, outcome, dropped = lines.read_batch(document, runtime.limits, time.time_ns())
         for reason, count in outcome.reasons.items():
             runtime.metrics.rejected.labels("logs", reason).inc(count)
