@@ -121,7 +121,7 @@ def test_a_full_writer_queue_is_503_with_retry_after(tmp_path: Path) -> None:
     ) as served:
         release = threading.Event()
         served.runtime.writer.run_job(lambda: int(release.wait(30)))  # the writer is busy
-        served.runtime.writer.run_job(lambda: 0)  # and its queue of one is full
+        queued = served.runtime.writer.run_job(lambda: 0)  # and its queue of one is full
         record = {"timeUnixNano": str(time.time_ns()), "body": {"stringValue": "x"}}
         body = {"resourceLogs": [{"scopeLogs": [{"logRecords": [record]}]}]}
         try:
@@ -131,6 +131,7 @@ def test_a_full_writer_queue_is_503_with_retry_after(tmp_path: Path) -> None:
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
         assert _metric(served, "busy") == 1
+        queued.result(30)  # the queue has drained: the same request now lands
         assert served.client.post("/v1/logs", json=body, headers=AS_JSON).status_code == 200
 
 
