@@ -134,6 +134,12 @@ def _cmd_store_ack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promql_test(args: argparse.Namespace) -> int:
+    from lookout.query.promql.promqltest import run_cli
+
+    return run_cli(args.paths, verbose=args.verbose, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lookout", description="Lookout: observability for microservices.")
     parser.add_argument("--version", action="version", version=f"lookout {__version__}")
@@ -196,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("--config", type=Path, help="YAML config file (for its data_dir)")
     ack.add_argument("--data-dir", help="the server's data directory")
     ack.set_defaults(func=_cmd_store_ack)
+
+    promql_test = commands.add_parser(
+        "promql-test",
+        help="run PromQL test scripts (Prometheus's promqltest format) against the engine",
+    )
+    promql_test.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a .test script, or a folder of *.test scripts"
+    )
+    promql_test.add_argument(
+        "--verbose", action="store_true", help="list every failure and every skipped eval"
+    )
+    promql_test.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (per-file counts, failures, skips with reasons)",
+    )
+    promql_test.set_defaults(func=_cmd_promql_test)
     return parser
 
 

@@ -52,3 +52,14 @@ class QueryError(LookoutError):
     def __init__(self, message: str, status: int = 400) -> None:
         self.status = status
         super().__init__(message)
+
+
+class PromQLError(QueryError):
+    """A PromQL query failed; `error_type` is the Prometheus API's errorType for it
+    (`bad_data` 400, `execution` 422, `timeout` 503, `unavailable` 503)."""
+
+    STATUS = {"bad_data": 400, "execution": 422, "timeout": 503, "unavailable": 503}
+
+    def __init__(self, message: str, error_type: str = "bad_data") -> None:
+        self.error_type = error_type
+        super().__init__(message, self.STATUS[error_type])

@@ -1,0 +1,445 @@
+"""The PromQL evaluator, with Prometheus 3 semantics.
+
+An expression is evaluated once for all the steps of a query (see values.py): selectors
+find the last sample in `(t - lookback, t]` for every step with one searchsorted call,
+functions over ranges cut `(t - range, t]` windows the same way, and operators and
+aggregations work on whole rows of steps. An instant query is a range query of one step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import promql_parser as pp
+
+from lookout.errors import PromQLError
+from lookout.query.promql import aggregate, binary, functions, positions
+from lookout.query.promql.model import (
+    Matcher,
+    QueryResult,
+    ResultSeries,
+    Storage,
+    Times,
+    stale_mask,
+)
+from lookout.query.promql.values import (
+    NAME,
+    Matrix,
+    Scalar,
+    String,
+    Value,
+    Vector,
+    without_name,
+)
+
+DEFAULT_SUBQUERY_STEP_MS = 60_000  # Prometheus's default evaluation_interval
+MAX_POINTS_PER_SERIES = 11_000
+
+_MATCH_OPS = {
+    "MatchOp.Equal": "=",
+    "MatchOp.NotEqual": "!=",
+    "MatchOp.Re": "=~",
+    "MatchOp.NotRe": "!~",
+}
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_NEGATIVE_AT = re.compile(r"@\s*-")
+
+
+def duration_ms(delta: timedelta | None) -> int:
+    if delta is None:
+        return 0
+    return round(delta.total_seconds() * 1000)
+
+
+def parse(query: str) -> Any:
+    """The parsed expression; a syntax error is `bad_data`."""
+    if not query.strip():
+        raise PromQLError("empty query", "bad_data")
+    if _NEGATIVE_AT.search(_STRINGS.sub('""', query)):
+        # promql-parser cannot represent a time before 1970 (it reads it as 0); refuse it
+        # rather than answer for the wrong time.
+        raise PromQLError("an @ modifier before 1970 (a negative timestamp) is not supported",
+                          "bad_data")  # fmt: skip
+    try:
+        return pp.parse(query)
+    except ValueError as exc:
+        raise PromQLError(f"parse error: {exc}", "bad_data") from None
+    except BaseException as exc:  # promql-parser's Rust panics arrive as BaseException
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        raise PromQLError(f"parse error: {exc}", "bad_data") from None
+
+
+class Engine:
+    """Evaluates PromQL over a Storage. Raises lookout.errors.PromQLError."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        lookback_ms: int = 300_000,
+        max_samples: int = 5_000_000,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.storage = storage
+        self.lookback_ms = lookback_ms
+        self.max_samples = max_samples
+        self.timeout_s = timeout_s
+
+    def instant(self, query: str, time_ms: int, *, timeout_s: float | None = None) -> QueryResult:
+        expr = parse(query)
+        times = np.array([time_ms], dtype=np.int64)
+        ev = Evaluation(self, times, time_ms, time_ms, timeout_s, query=query)
+        value = ev.eval(expr)
+        result = _instant_result(value, time_ms)
+        return ev.finish(result)
+
+    def range(
+        self,
+        query: str,
+        start_ms: int,
+        end_ms: int,
+        step_ms: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> QueryResult:
+        if step_ms <= 0:
+            raise PromQLError(
+                "zero or negative query resolution step widths are not accepted. "
+                "Try a positive integer",
+                "bad_data",
+            )
+        if end_ms < start_ms:
+            raise PromQLError("end timestamp must not be before start time", "bad_data")
+        if (end_ms - start_ms) // step_ms >= MAX_POINTS_PER_SERIES:
+            raise PromQLError(
+                "exceeded maximum resolution of 11,000 points per timeseries. "
+                "Try decreasing the query resolution (?step=XX)",
+                "bad_data",
+            )
+        expr = parse(query)
+        times = np.arange(start_ms, end_ms + 1, step_ms, dtype=np.int64)
+        ev = Evaluation(self, times, start_ms, end_ms, timeout_s, query=query, is_range=True)
+        value = ev.eval(expr)
+        if isinstance(value, String | Matrix):
+            kind = "string" if isinstance(value, String) else "range vector"
+            raise PromQLError(
+                f'invalid expression type "{kind}" for range query, '
+                "must be Scalar or instant Vector",
+                "bad_data",
+            )
+        return ev.finish(_range_result(value, times))
+
+
+def _instant_result(value: Value, time_ms: int) -> QueryResult:
+    if isinstance(value, Scalar):
+        return QueryResult("scalar", [ResultSeries({}, [(time_ms, float(value.values[0]))])])
+    if isinstance(value, String):
+        return QueryResult("string", [], text=value.text)
+    if isinstance(value, Matrix):
+        series = []
+        for i, labels in enumerate(value.labels):
+            ts, values = value.row(i)
+            end = int(value.times[0])
+            keep = ts > end - value.range_ms
+            keep &= ts <= end
+            if keep.any():
+                points = list(zip(ts[keep].tolist(), values[keep].tolist(), strict=True))
+                series.append(ResultSeries(labels, points))
+        return QueryResult("matrix", series)
+    series = [
+        ResultSeries(labels, [(time_ms, float(value.values[i, 0]))])
+        for i, labels in enumerate(value.labels)
+        if value.present[i, 0]
+    ]
+    return QueryResult("vector", series)
+
+
+def _range_result(value: Vector | Scalar, times: Times) -> QueryResult:
+    if isinstance(value, Scalar):
+        points = list(zip(times.tolist(), value.values.tolist(), strict=True))
+        return QueryResult("matrix", [ResultSeries({}, points)])
+    series = []
+    all_times = times.tolist()
+    for i, labels in enumerate(value.labels):
+        mask = value.present[i]
+        if not mask.any():
+            continue
+        if mask.all():
+            points = list(zip(all_times, value.values[i].tolist(), strict=True))
+        else:
+            points = list(zip(times[mask].tolist(), value.values[i][mask].tolist(), strict=True))
+        series.append(ResultSeries(labels, points))
+    series.sort(key=lambda s: sorted(s.labels.items()))
+    return QueryResult("matrix", series)
+
+
+class Evaluation:
+    """One query's evaluation: its steps, deadline, sample budget and annotations."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        times: Times,
+        start_ms: int,
+        end_ms: int,
+        timeout_s: float | None,
+        *,
+        query: str = "",
+        is_range: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.query = query
+        self.is_range = is_range
+        self.invalid_strings = positions.invalid_utf8_literals(query) if "\\" in query else set()
+        self.times = times
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        timeout = engine.timeout_s if timeout_s is None else min(timeout_s, engine.timeout_s)
+        self.deadline = time.monotonic() + timeout
+        self.samples = 0
+        self.warnings: list[str] = []
+        self.infos: list[str] = []
+
+    @property
+    def steps(self) -> int:
+        return len(self.times)
+
+    def finish(self, result: QueryResult) -> QueryResult:
+        result.warnings = list(dict.fromkeys(self.warnings))
+        result.infos = list(dict.fromkeys(self.infos))
+        result.samples_loaded = self.samples
+        return result
+
+    def check(self) -> None:
+        """The cooperative deadline: called between nodes and inside long loops."""
+        if time.monotonic() > self.deadline:
+            raise PromQLError("query timed out in expression evaluation", "timeout")
+
+    def count(self, samples: int) -> None:
+        self.samples += samples
+        if self.samples > self.engine.max_samples:
+            raise PromQLError(
+                "query processing would load too many samples into memory in query execution",
+                "execution",
+            )
+
+    def warn(self, message: str, position: str = "") -> None:
+        self.warnings.append(f"PromQL warning: {message} {position}".rstrip())
+
+    def info(self, message: str, position: str = "") -> None:
+        self.infos.append(f"PromQL info: {message} {position}".rstrip())
+
+    def check_label_name(self, name: str, context: str) -> None:
+        """Label names must be valid UTF-8 (and not empty), as in Prometheus 3."""
+        if not name or name in self.invalid_strings:
+            raise PromQLError(f"invalid {context}: {name!r}", "bad_data")
+
+    # -- dispatch ------------------------------------------------------------------------
+    def eval(self, node: Any) -> Value:
+        self.check()
+        if isinstance(node, pp.NumberLiteral):
+            return Scalar(np.full(self.steps, float(node.val)))
+        if isinstance(node, pp.StringLiteral):
+            return String(node.val)
+        if isinstance(node, pp.ParenExpr):
+            return self.eval(node.expr)
+        if isinstance(node, pp.UnaryExpr):
+            return self._negate(self.eval(node.expr))
+        if isinstance(node, pp.VectorSelector):
+            return self.select(node)
+        if isinstance(node, pp.MatrixSelector):
+            return self.matrix(node)
+        if isinstance(node, pp.SubqueryExpr):
+            return self.subquery(node)
+        if isinstance(node, pp.Call):
+            return functions.call(self, node)
+        if isinstance(node, pp.AggregateExpr):
+            return aggregate.evaluate(self, node)
+        if isinstance(node, pp.BinaryExpr):
+            return binary.evaluate(self, node)
+        raise PromQLError(f"unsupported expression {node}", "bad_data")
+
+    def eval_vector(self, node: Any) -> Vector:
+        value = self.eval(node)
+        if not isinstance(value, Vector):
+            raise PromQLError(f"expected an instant vector, got {type(value).__name__}")
+        return value
+
+    def eval_scalar(self, node: Any) -> Scalar:
+        value = self.eval(node)
+        if not isinstance(value, Scalar):
+            raise PromQLError(f"expected a scalar, got {type(value).__name__}")
+        return value
+
+    def _negate(self, value: Value) -> Value:
+        if isinstance(value, Scalar):
+            return Scalar(-value.values)
+        if isinstance(value, Vector):
+            unique = value.unique and len({lb.get(NAME) for lb in value.labels}) <= 1
+            out = Vector([without_name(lb) for lb in value.labels], -value.values,
+                         value.present, None, unique)  # fmt: skip
+            return out.merged()
+        raise PromQLError("unary minus applies to numbers and instant vectors only")
+
+    # -- selectors -----------------------------------------------------------------------
+    def matchers(self, node: Any) -> list[Matcher]:
+        found = []
+        if node.name:
+            found.append(Matcher(NAME, "=", node.name))
+        if node.matchers.or_matchers:
+            raise PromQLError("'or' inside a label matcher list is not supported", "bad_data")
+        for m in node.matchers.matchers:
+            try:
+                found.append(Matcher(m.name, _MATCH_OPS[str(m.op)], m.value))  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise PromQLError(str(exc), "bad_data") from None
+        return found
+
+    def at_times(self, node: Any) -> Times:
+        """The evaluation time of each step for a selector or subquery: `@` pins it,
+        `offset` moves it back."""
+        at = node.at
+        if at is not None:
+            kind = str(at.type)
+            if kind.endswith("Start"):
+                pinned = self.start_ms
+            elif kind.endswith("End"):
+                pinned = self.end_ms
+            else:  # "@ 1.500": read the text, the attribute panics on negative times
+                pinned = round(float(str(at).split()[-1]) * 1000)
+            times = np.full(self.steps, pinned, dtype=np.int64)
+        else:
+            times = self.times
+        offset = duration_ms(node.offset)
+        return times - offset if offset else times
+
+    def _load(self, node: Any, times: Times, window_ms: int) -> tuple[list[Any], int]:
+        matchers = self.matchers(node)
+        mint = int(times.min()) - window_ms + 1
+        maxt = int(times.max())
+        series = self.engine.storage.select(matchers, mint, maxt)
+        self.count(sum(len(s.ts) for s in series))
+        self.check()
+        return series, mint
+
+    def select(self, node: Any) -> Vector:
+        times = self.at_times(node)
+        lookback = self.engine.lookback_ms
+        series, _ = self._load(node, times, lookback)
+        steps = self.steps
+        if not series:
+            return Vector.empty(steps)
+        labels = [s.labels for s in series]
+        matrix = _concat(labels, series, times, lookback, drop_stale=False)
+        _, hi = matrix.windows()
+        idx = hi - 1
+        starts = matrix.offsets[:-1][:, None]
+        present = idx >= starts
+        idx = np.where(present, idx, 0)
+        if len(matrix.ts) == 0:
+            return Vector.empty(steps)
+        sample_ts = matrix.ts[idx]
+        values = matrix.values[idx]
+        present &= sample_ts > (times - lookback)[None, :]
+        present &= ~stale_mask(values)
+        return Vector(labels, values, present, sample_ts, unique=True)
+
+    def matrix(self, node: Any) -> Matrix:
+        selector = node.vector_selector
+        range_ms = duration_ms(node.range)
+        times = self.at_times(selector)
+        series, _ = self._load(selector, times, range_ms)
+        labels = [s.labels for s in series]
+        matrix = _concat(labels, series, times, range_ms, drop_stale=True)
+        matrix.selector = selector
+        return matrix
+
+    def subquery(self, node: Any) -> Matrix:
+        range_ms = duration_ms(node.range)
+        step_ms = duration_ms(node.step) or DEFAULT_SUBQUERY_STEP_MS
+        times = self.at_times(node)
+        # Inner steps: multiples of the step after the earliest window start (Go's
+        # truncating division, as Prometheus does).
+        first = int(times.min()) - range_ms
+        inner_start = step_ms * int(first / step_ms)
+        if inner_start <= first:
+            inner_start += step_ms
+        inner_end = int(times.max())
+        inner_times = np.arange(inner_start, inner_end + 1, step_ms, dtype=np.int64)
+        if len(inner_times) == 0:
+            return Matrix([], np.empty(0, dtype=np.int64), np.empty(0), np.zeros(1, dtype=np.intp),
+                          times, range_ms)  # fmt: skip
+        inner = Evaluation(self.engine, inner_times, self.start_ms, self.end_ms, None,
+                           query=self.query, is_range=self.is_range)  # fmt: skip
+        inner.deadline = self.deadline
+        inner.samples = self.samples
+        value = inner.eval(node.expr)
+        self.samples = inner.samples
+        self.warnings += inner.warnings
+        self.infos += inner.infos
+        if isinstance(value, Scalar):
+            value = Vector([{}], value.values[None, :], np.ones((1, len(inner_times)), dtype=bool))
+        if not isinstance(value, Vector):
+            raise PromQLError("subquery is only allowed on instant vector", "bad_data")
+        value = value.drop_empty()
+        ts_parts, value_parts, offsets = [], [], [0]
+        for i in range(len(value)):
+            mask = value.present[i]
+            ts_parts.append(inner_times[mask])
+            value_parts.append(value.values[i][mask])
+            offsets.append(offsets[-1] + int(mask.sum()))
+        ts = np.concatenate(ts_parts) if ts_parts else np.empty(0, dtype=np.int64)
+        values = np.concatenate(value_parts) if value_parts else np.empty(0)
+        self.count(len(ts))
+        return Matrix(value.labels, ts, values, np.asarray(offsets, dtype=np.intp), times, range_ms)
+
+
+def _concat(
+    labels: list[dict[str, str]],
+    series: list[Any],
+    times: Times,
+    range_ms: int,
+    *,
+    drop_stale: bool,
+) -> Matrix:
+    ts_parts, value_parts, offsets = [], [], [0]
+    for s in series:
+        ts, values = s.ts, s.values
+        if drop_stale:
+            keep = ~stale_mask(values)
+            if not keep.all():
+                ts, values = ts[keep], values[keep]
+        ts_parts.append(ts)
+        value_parts.append(values)
+        offsets.append(offsets[-1] + len(ts))
+    ts_all = (
+        np.concatenate(ts_parts).astype(np.int64, copy=False)
+        if ts_parts
+        else np.empty(0, dtype=np.int64)
+    )
+    values_all = (
+        np.concatenate(value_parts).astype(np.float64, copy=False) if value_parts else np.empty(0)
+    )
+    return Matrix(labels, ts_all, values_all, np.asarray(offsets, dtype=np.intp), times, range_ms)
+
+
+def go_float(value: float) -> str:
+    """A float as Go's strconv.FormatFloat(v, 'f', -1, 64) writes it (count_values)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    text = repr(value)
+    if "e" in text or "E" in text:
+        text = np.format_float_positional(value, trim="-")
+    if text.endswith(".0"):
+        text = text[:-2]
+    return text

@@ -1,0 +1,862 @@
+"""PromQL functions, with Prometheus 3 semantics.
+
+Functions over range vectors work on every series and step at once where the maths allows
+(rate and friends from window end points plus a running sum of counter resets; sums and
+counts from prefix sums), and window by window where it does not (quantiles, regressions).
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import promql_parser as pp
+import re2
+
+from lookout.errors import PromQLError
+from lookout.query.promql import positions
+from lookout.query.promql.aggregate import SAFE_MAGNITUDE, quantile, warn_quantile, welford_variance
+from lookout.query.promql.model import Floats
+from lookout.query.promql.values import (
+    NAME,
+    Labels,
+    Matrix,
+    Scalar,
+    String,
+    Value,
+    Vector,
+    without_name,
+)
+
+if TYPE_CHECKING:
+    from lookout.query.promql.engine import Evaluation
+
+
+def call(ev: Evaluation, node: Any) -> Value:
+    name = node.func.name
+    handler = FUNCTIONS.get(name)
+    if handler is None:
+        raise PromQLError(f"function {name!r} is not supported by Lookout", "bad_data")
+    return handler(ev, list(node.args))
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _vector_out(
+    vector: Vector, values: Floats, present: Any = None, keep_name: bool = False
+) -> Vector:
+    present = vector.present if present is None else present
+    if keep_name:
+        return Vector(vector.labels, values, present, None, vector.unique)
+    names = {lb.get(NAME) for lb in vector.labels}
+    labels = [without_name(lb) for lb in vector.labels]
+    return Vector(labels, values, present, None, unique=vector.unique and len(names) <= 1).merged()
+
+
+def _matrix_out(matrix: Matrix, values: Floats, present: Any, keep_name: bool = False) -> Vector:
+    labels = matrix.labels if keep_name else [without_name(lb) for lb in matrix.labels]
+    unique = keep_name or len({lb.get(NAME) for lb in matrix.labels}) <= 1
+    return Vector(labels, values, present, None, unique).merged()
+
+
+def _arg_matrix(ev: Evaluation, node: Any) -> Matrix:
+    value = ev.eval(node)
+    if not isinstance(value, Matrix):
+        raise PromQLError("expected a range vector", "bad_data")
+    return value
+
+
+def _arg_scalar(ev: Evaluation, node: Any) -> Floats:
+    return ev.eval_scalar(node).values
+
+
+def _arg_string(ev: Evaluation, node: Any) -> str:
+    value = ev.eval(node)
+    if not isinstance(value, String):
+        raise PromQLError("expected a string", "bad_data")
+    return value.text
+
+
+# -- range functions from window end points ----------------------------------------------------
+def _endpoints(m: Matrix) -> dict[str, Any]:
+    lo, hi = m.windows()
+    count = hi - lo
+    last = np.maximum(hi - 1, 0)
+    first = np.minimum(lo, max(len(m.ts) - 1, 0))
+    if len(m.ts) == 0:
+        zeros = np.zeros(count.shape)
+        return {
+            "count": count,
+            "lo": lo,
+            "hi": hi,
+            "t0": zeros,
+            "t1": zeros,
+            "v0": zeros,
+            "v1": zeros,
+        }
+    return {
+        "count": count,
+        "lo": lo,
+        "hi": hi,
+        "t0": m.ts[first].astype(np.float64, copy=False),
+        "t1": m.ts[last].astype(np.float64, copy=False),
+        "v0": m.values[first],
+        "v1": m.values[last],
+    }
+
+
+def _reset_sums(m: Matrix) -> Floats:
+    """Running sum of what counter resets lost: C[i] - C[j] is the correction between
+    samples j and i of one series."""
+    values = m.values
+    lost = np.zeros(len(values))
+    if len(values) > 1:
+        drop = values[1:] < values[:-1]
+        drop[m.offsets[1:-1][m.offsets[1:-1] < len(values)] - 1] = False  # not across series
+        lost[1:] = np.where(drop, values[:-1], 0.0)
+    return np.cumsum(lost)
+
+
+def _extrapolated(ev: Evaluation, args: list[Any], *, is_counter: bool, is_rate: bool) -> Value:
+    """Prometheus's extrapolatedRate, for every series and step at once. Durations are in
+    milliseconds throughout (the ratios are the same) and arrays are reused in place: at
+    thousands of series by hundreds of steps, allocation is most of the cost."""
+    m = _arg_matrix(ev, args[0])
+    if is_counter:
+        _counter_info(ev, m, "rate" if is_rate else "increase")
+    e = _endpoints(m)
+    count = e["count"]
+    present = count >= 2
+    with np.errstate(all="ignore"):
+        result = e["v1"] - e["v0"]
+        if is_counter and len(m.ts):
+            sums = _reset_sums(m)
+            result += sums[np.maximum(e["hi"] - 1, 0)]
+            result -= sums[np.minimum(e["lo"], len(sums) - 1)]
+        t0, t1 = e["t0"], e["t1"]
+        ends = m.times.astype(np.float64)[None, :]
+        to_start = t0 - (ends - m.range_ms)
+        to_end = ends - t1
+        sampled = t1 - t0
+        average = sampled / (count - 1)
+        threshold = average * 1.1
+        half = average * 0.5
+        np.copyto(to_start, half, where=to_start >= threshold)
+        if is_counter:  # a counter is not extrapolated below zero
+            to_zero = e["v0"] / result
+            to_zero *= sampled
+            use = (result > 0) & (e["v0"] >= 0) & (to_zero < to_start)
+            np.copyto(to_start, to_zero, where=use)
+        np.copyto(to_end, half, where=to_end >= threshold)
+        to_start += to_end
+        to_start += sampled
+        to_start /= sampled
+        if is_rate:
+            to_start /= m.range_ms / 1000
+        result *= to_start
+    return _matrix_out(m, result, present)
+
+
+_COUNTER_SUFFIXES = ("_total", "_sum", "_count", "_bucket")
+
+
+def _counter_info(ev: Evaluation, m: Matrix, name: str) -> None:
+    """Prometheus's hint that rate() of a metric not named like a counter may be a mistake."""
+    for labels in m.labels:
+        metric = labels.get(NAME, "")
+        if metric and not metric.endswith(_COUNTER_SUFFIXES):
+            ev.info("metric might not be a counter, name does not end in "
+                    f'_total/_sum/_count/_bucket: "{metric}"',
+                    positions.argument_position(ev.query, name, 0))  # fmt: skip
+
+
+def _instant_delta(ev: Evaluation, args: list[Any], *, is_rate: bool) -> Value:
+    m = _arg_matrix(ev, args[0])
+    lo, hi = m.windows()
+    present = (hi - lo) >= 2
+    if len(m.ts) < 2:
+        return _matrix_out(m, np.zeros(present.shape), present & False)
+    last = np.maximum(hi - 1, 1)
+    prev = last - 1
+    v1, v0 = m.values[last], m.values[prev]
+    dt = (m.ts[last] - m.ts[prev]).astype(np.float64) / 1000
+    with np.errstate(all="ignore"):
+        result = np.where(v1 < v0, v1, v1 - v0) / dt if is_rate else v1 - v0
+    return _matrix_out(m, result, present)
+
+
+def _count_changes(ev: Evaluation, args: list[Any], *, resets: bool) -> Value:
+    m = _arg_matrix(ev, args[0])
+    lo, hi = m.windows()
+    values = m.values
+    flag = np.zeros(len(values))
+    if len(values) > 1:
+        cur, prev = values[1:], values[:-1]
+        hit = cur < prev if resets else (cur != prev) & ~(np.isnan(cur) & np.isnan(prev))
+        flag[1:] = hit
+    sums = np.cumsum(flag)
+    present = (hi - lo) >= 1
+    if len(values) == 0:
+        return _matrix_out(m, np.zeros(present.shape), present)
+    top = sums[np.maximum(hi - 1, 0)]
+    bottom = sums[np.minimum(lo, len(sums) - 1)]
+    return _matrix_out(m, np.where(present, top - bottom, 0.0), present)
+
+
+# -- range functions window by window --------------------------------------------------------
+def _per_window(
+    ev: Evaluation,
+    m: Matrix,
+    fn: Callable[[Any, Floats, int], float],
+    keep_name: bool = False,
+    min_count: int = 1,
+) -> Vector:
+    lo, hi = m.windows()
+    steps = len(m.times)
+    values = np.full((len(m), steps), np.nan)
+    present = (hi - lo) >= min_count
+    for i in range(len(m)):
+        ev.check()
+        for s in np.flatnonzero(present[i]):
+            a, b = lo[i, s], hi[i, s]
+            values[i, s] = fn(m.ts[a:b], m.values[a:b], int(s))
+    return _matrix_out(m, values, present, keep_name)
+
+
+def _kahan(values: Floats) -> float:
+    total = comp = 0.0
+    for x in values.tolist():
+        t = total + x
+        if math.isinf(t):
+            comp = 0.0
+        elif abs(total) >= abs(x):
+            comp += (total - t) + x
+        else:
+            comp += (x - t) + total
+        total = t
+    return total + comp
+
+
+def _well_conditioned(m: Matrix) -> bool:
+    return bool(np.isfinite(m.values).all() and (np.abs(m.values) < SAFE_MAGNITUDE).all())
+
+
+def _sum_over_time(ev: Evaluation, args: list[Any]) -> Value:
+    m = _arg_matrix(ev, args[0])
+    if _well_conditioned(m):
+        lo, hi = m.windows()
+        prefix = np.concatenate([[0.0], np.cumsum(m.values)])
+        return _matrix_out(m, prefix[hi] - prefix[lo], hi > lo)
+    return _per_window(ev, m, lambda t, v, s: _kahan(v))
+
+
+def _avg_over_time(ev: Evaluation, args: list[Any]) -> Value:
+    m = _arg_matrix(ev, args[0])
+    if _well_conditioned(m):
+        lo, hi = m.windows()
+        prefix = np.concatenate([[0.0], np.cumsum(m.values)])
+        with np.errstate(all="ignore"):
+            return _matrix_out(m, (prefix[hi] - prefix[lo]) / (hi - lo), hi > lo)
+
+    def mean(_t: Any, v: Floats, _s: int) -> float:
+        total = _kahan(v)
+        if math.isfinite(total) or not np.isfinite(v).all():
+            return total / len(v)
+        result = 0.0
+        for k, x in enumerate(v.tolist(), 1):
+            result += x / k - result / k
+        return result
+
+    return _per_window(ev, m, mean)
+
+
+def _count_over_time(ev: Evaluation, args: list[Any]) -> Value:
+    m = _arg_matrix(ev, args[0])
+    lo, hi = m.windows()
+    return _matrix_out(m, (hi - lo).astype(np.float64), hi > lo)
+
+
+def _present_over_time(ev: Evaluation, args: list[Any]) -> Value:
+    m = _arg_matrix(ev, args[0])
+    lo, hi = m.windows()
+    return _matrix_out(m, np.ones(lo.shape), hi > lo)
+
+
+def _last_over_time(ev: Evaluation, args: list[Any]) -> Value:
+    m = _arg_matrix(ev, args[0])
+    lo, hi = m.windows()
+    if len(m.ts) == 0:
+        return _matrix_out(m, np.zeros(lo.shape), hi > lo, keep_name=True)
+    return _matrix_out(m, m.values[np.maximum(hi - 1, 0)], hi > lo, keep_name=True)
+
+
+def _nanless_extreme(*, pick_max: bool) -> Callable[[Any, Floats, int], float]:
+    def extreme(_t: Any, v: Floats, _s: int) -> float:
+        finite = v[~np.isnan(v)]
+        if len(finite) == 0:
+            return math.nan
+        return float(finite.max() if pick_max else finite.min())
+
+    return extreme
+
+
+def _over_time(kind: str) -> Callable[[Evaluation, list[Any]], Value]:
+    def handler(ev: Evaluation, args: list[Any]) -> Value:
+        if kind == "quantile":
+            phi = _arg_scalar(ev, args[0])
+            m = _arg_matrix(ev, args[1])
+            warn_quantile(ev, phi, positions.argument_position(ev.query, "quantile_over_time", 0))
+            return _per_window(ev, m, lambda t, v, s: quantile(float(phi[s]), v))
+        m = _arg_matrix(ev, args[0])
+        if kind in ("max", "min"):
+            return _per_window(ev, m, _nanless_extreme(pick_max=kind == "max"))
+
+        def var(_t: Any, v: Floats, _s: int) -> float:
+            return float(welford_variance(v[:, None], np.ones((len(v), 1), dtype=bool))[0])
+
+        if kind == "stdvar":
+            return _per_window(ev, m, var)
+        return _per_window(ev, m, lambda t, v, s: math.sqrt(var(t, v, s)))
+
+    return handler
+
+
+def _linear_regression(ts: Any, values: Floats, intercept_ms: int) -> tuple[float, float]:
+    """Prometheus's least squares (Kahan sums), x in seconds from `intercept_ms`."""
+    if len(values) and (values == values[0]).all() and math.isfinite(values[0]):
+        return 0.0, float(values[0])
+    x = (ts.astype(np.float64) - intercept_ms) / 1000
+    n = len(values)
+    sum_x, sum_y = _kahan(x), _kahan(values)
+    sum_xy, sum_x2 = _kahan(x * values), _kahan(x * x)
+    cov = sum_xy - sum_x * sum_y / n
+    var = sum_x2 - sum_x * sum_x / n
+    with np.errstate(all="ignore"):
+        slope = cov / var if var != 0 else math.nan
+        intercept = sum_y / n - slope * sum_x / n
+    return float(slope), float(intercept)
+
+
+def _deriv(ev: Evaluation, args: list[Any]) -> Value:
+    m = _arg_matrix(ev, args[0])
+    return _per_window(ev, m, lambda t, v, s: _linear_regression(t, v, int(t[0]))[0], min_count=2)
+
+
+def _predict_linear(ev: Evaluation, args: list[Any]) -> Value:
+    m = _arg_matrix(ev, args[0])
+    horizon = _arg_scalar(ev, args[1])
+
+    def predict(t: Any, v: Floats, s: int) -> float:
+        slope, intercept = _linear_regression(t, v, int(ev.times[s]))
+        return slope * float(horizon[s]) + intercept
+
+    return _per_window(ev, m, predict, min_count=2)
+
+
+def _absent_over_time(ev: Evaluation, args: list[Any]) -> Value:
+    m = _arg_matrix(ev, args[0])
+    lo, hi = m.windows()
+    any_present = (hi > lo).any(axis=0) if len(m) else np.zeros(len(m.times), dtype=bool)
+    selector = m.selector if isinstance(m.selector, pp.VectorSelector) else None
+    labels = _absent_labels(ev, selector)
+    return Vector([labels], np.ones((1, len(m.times))), np.logical_not(any_present).reshape(1, -1), None, unique=True)
+
+
+# -- instant vector functions ------------------------------------------------------------------
+def _math(fn: Callable[[Floats], Floats]) -> Callable[[Evaluation, list[Any]], Value]:
+    def handler(ev: Evaluation, args: list[Any]) -> Value:
+        vector = ev.eval_vector(args[0])
+        with np.errstate(all="ignore"):
+            return _vector_out(vector, fn(vector.values))
+
+    return handler
+
+
+def _round(ev: Evaluation, args: list[Any]) -> Value:
+    vector = ev.eval_vector(args[0])
+    to = _arg_scalar(ev, args[1]) if len(args) > 1 else np.ones(ev.steps)
+    with np.errstate(all="ignore"):
+        inverse = 1.0 / to[None, :]
+        values = np.floor(vector.values * inverse + 0.5) / inverse
+    return _vector_out(vector, values)
+
+
+def _clamp(ev: Evaluation, args: list[Any], *, low: bool, high: bool) -> Value:
+    vector = ev.eval_vector(args[0])
+    lo = _arg_scalar(ev, args[1]) if low else None
+    hi = _arg_scalar(ev, args[2 if low else 1]) if high else None
+    values = vector.values
+    present = vector.present
+    if lo is not None and hi is not None:
+        present = present & ~(hi < lo)[None, :]
+    with np.errstate(all="ignore"):
+        if lo is not None:
+            values = np.where(np.isnan(values), values, np.fmax(values, lo[None, :]))
+            values = np.where(np.isnan(lo)[None, :], np.nan, values)
+        if hi is not None:
+            values = np.where(np.isnan(values), values, np.fmin(values, hi[None, :]))
+            values = np.where(np.isnan(hi)[None, :], np.nan, values)
+    return _vector_out(vector, values, present)
+
+
+def _time(ev: Evaluation, args: list[Any]) -> Value:
+    return Scalar(ev.times.astype(np.float64) / 1000)
+
+
+def _vector(ev: Evaluation, args: list[Any]) -> Value:
+    values = _arg_scalar(ev, args[0])
+    return Vector(
+        [{}], values[None, :].copy(), np.ones((1, ev.steps), dtype=bool), None, unique=True
+    )
+
+
+def _scalar(ev: Evaluation, args: list[Any]) -> Value:
+    vector = ev.eval_vector(args[0])
+    count = vector.present.sum(axis=0)
+    picked = (
+        np.where(vector.present, vector.values, 0.0).sum(axis=0)
+        if len(vector)
+        else np.zeros(ev.steps)
+    )
+    return Scalar(np.where(count == 1, picked, np.nan))
+
+
+def _timestamp(ev: Evaluation, args: list[Any]) -> Value:
+    vector = ev.eval_vector(args[0])
+    if vector.sample_ts is not None and isinstance(_unwrap(args[0]), pp.VectorSelector):
+        values = vector.sample_ts.astype(np.float64) / 1000
+    else:
+        values = np.broadcast_to(ev.times.astype(np.float64) / 1000, vector.values.shape).copy()
+    return _vector_out(vector, values)
+
+
+def _unwrap(node: Any) -> Any:
+    while isinstance(node, pp.ParenExpr):
+        node = node.expr
+    return node
+
+
+def _absent_labels(ev: Evaluation, selector: Any) -> Labels:
+    if selector is None:
+        return {}
+    labels: Labels = {}
+    seen: set[str] = set()
+    for m in ev.matchers(selector):
+        if m.name == NAME:
+            continue
+        if m.op == "=" and m.name not in seen:
+            labels[m.name] = m.value
+            seen.add(m.name)
+        else:
+            labels.pop(m.name, None)
+    return labels
+
+
+def _absent(ev: Evaluation, args: list[Any]) -> Value:
+    vector = ev.eval_vector(args[0])
+    any_present = vector.present.any(axis=0) if len(vector) else np.zeros(ev.steps, dtype=bool)
+    node = _unwrap(args[0])
+    selector = node if isinstance(node, pp.VectorSelector) else None
+    labels = _absent_labels(ev, selector)
+    return Vector([labels], np.ones((1, ev.steps)), np.logical_not(any_present).reshape(1, -1), None, unique=True)
+
+
+def _sort(*, descending: bool) -> Callable[[Evaluation, list[Any]], Value]:
+    def handler(ev: Evaluation, args: list[Any]) -> Value:
+        vector = ev.eval_vector(args[0])
+        if ev.is_range:
+            name = "sort_desc" if descending else "sort"
+            ev.warn("sort is ineffective for range queries since results are always ordered by "
+                    "labels", positions.call_position(ev.query, name))  # fmt: skip
+        if ev.steps != 1 or len(vector) == 0:
+            return vector
+        live = [i for i in range(len(vector)) if vector.present[i, 0]]
+        values = vector.values[:, 0]
+
+        def key(i: int) -> tuple[int, float]:
+            v = float(values[i])
+            if math.isnan(v):
+                return (1, 0.0)  # NaN last either way
+            return (0, -v if descending else v)
+
+        return vector.take(sorted(live, key=key))
+
+    return handler
+
+
+def _expand(template: str, match: Any) -> str:
+    """Go's Regexp.ExpandString: $1, ${1}, $name, ${name}; $$ is a dollar."""
+    out: list[str] = []
+    i = 0
+    while i < len(template):
+        c = template[i]
+        if c != "$" or i + 1 >= len(template):
+            out.append(c)
+            i += 1
+            continue
+        nxt = template[i + 1]
+        if nxt == "$":
+            out.append("$")
+            i += 2
+            continue
+        if nxt == "{":
+            end = template.find("}", i + 2)
+            name = template[i + 2 : end] if end != -1 else ""
+            if end == -1 or not name or not all(ch.isalnum() or ch == "_" for ch in name):
+                out.append(c)
+                i += 1
+                continue
+            i = end + 1
+        else:
+            j = i + 1
+            while j < len(template) and (template[j].isalnum() or template[j] == "_"):
+                j += 1
+            name = template[i + 1 : j]
+            if not name:
+                out.append(c)
+                i += 1
+                continue
+            i = j
+        try:
+            group = match.group(int(name)) if name.isdigit() else match.group(name)
+        except (IndexError, KeyError, ValueError, re2.error):
+            group = None
+        out.append(group or "")
+    return "".join(out)
+
+
+def _label_replace(ev: Evaluation, args: list[Any]) -> Value:
+    vector = ev.eval_vector(args[0])
+    dst = _arg_string(ev, args[1])
+    replacement = _arg_string(ev, args[2])
+    src = _arg_string(ev, args[3])
+    pattern = _arg_string(ev, args[4])
+    options = re2.Options()
+    options.dot_nl = True
+    try:
+        regex = re2.compile(f"^(?:{pattern})$", options)
+    except re2.error:
+        raise PromQLError(
+            f"invalid regular expression in label_replace(): {pattern}", "bad_data"
+        ) from None
+    if not _valid_name(dst) or dst in ev.invalid_strings:
+        raise PromQLError(f"invalid destination label name in label_replace(): {dst}", "bad_data")
+    labels = []
+    for lb in vector.labels:
+        found = regex.fullmatch(lb.get(src, ""))
+        if found is None:
+            labels.append(lb)
+            continue
+        value = _expand(replacement, found)
+        out = dict(lb)
+        if value:
+            out[dst] = value
+        else:
+            out.pop(dst, None)
+        labels.append(out)
+    return Vector(labels, vector.values, vector.present, None, unique=False).merged()
+
+
+def _label_join(ev: Evaluation, args: list[Any]) -> Value:
+    vector = ev.eval_vector(args[0])
+    dst = _arg_string(ev, args[1])
+    sep = _arg_string(ev, args[2])
+    sources = [_arg_string(ev, a) for a in args[3:]]
+    if not _valid_name(dst) or dst in ev.invalid_strings:
+        raise PromQLError(f"invalid destination label name in label_join(): {dst}", "bad_data")
+    for name in sources:
+        if not _valid_name(name) or name in ev.invalid_strings:
+            raise PromQLError(f"invalid source label name in label_join(): {name}", "bad_data")
+    labels = []
+    for lb in vector.labels:
+        value = sep.join(lb.get(s, "") for s in sources)
+        out = dict(lb)
+        if value:
+            out[dst] = value
+        else:
+            out.pop(dst, None)
+        labels.append(out)
+    return Vector(labels, vector.values, vector.present, None, unique=False).merged()
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and name.isprintable()
+
+
+# -- classic histograms ----------------------------------------------------------------------
+def _bucket_groups(
+    ev: Evaluation, vector: Vector, fn_name: str, argument: int
+) -> tuple[list[Labels], list[tuple[Floats, list[int]]]]:
+    """Series grouped by their labels without `le`: each group's upper bounds and rows.
+    The metric name is part of the group (and dropped from the result), so two histograms
+    that differ only by name collide in the result, as in Prometheus."""
+    groups: dict[tuple[tuple[str, str], ...], tuple[Labels, list[float], list[int]]] = {}
+    for i, lb in enumerate(vector.labels):
+        text = lb.get("le")
+        try:
+            bound = float(text) if text is not None else math.nan
+        except ValueError:
+            bound = math.nan
+        if text is None or math.isnan(bound):
+            name = lb.get(NAME, "")
+            ev.warn(f'bucket label "le" is missing or has a malformed value of "{text or ""}" '
+                    f'for metric name "{name}"',
+                    positions.argument_position(ev.query, fn_name, argument))  # fmt: skip
+            continue
+        out = {k: v for k, v in lb.items() if k not in ("le", NAME)}
+        key = (*tuple(sorted(out.items())), ("", lb.get(NAME, "")))
+        group = groups.setdefault(key, (out, [], []))
+        group[1].append(bound)
+        group[2].append(i)
+    labels = [g[0] for g in groups.values()]
+    return labels, [(np.asarray(g[1]), g[2]) for g in groups.values()]
+
+
+def _coalesce(bounds: Floats, counts: Floats) -> tuple[Floats, Floats]:
+    order = np.argsort(bounds, kind="stable")
+    bounds, counts = bounds[order], counts[order]
+    if len(bounds) > 1 and (np.diff(bounds) == 0).any():
+        unique, index = np.unique(bounds, return_inverse=True)
+        summed = np.zeros(len(unique))
+        np.add.at(summed, index, counts)
+        return unique, summed
+    return bounds, counts
+
+
+def bucket_quantile(q: float, bounds: Floats, counts: Floats) -> tuple[float, bool]:
+    """Prometheus's bucketQuantile over classic buckets; also says whether the counts had to
+    be made monotonic."""
+    if math.isnan(q):
+        return math.nan, False
+    if q < 0:
+        return -math.inf, False
+    if q > 1:
+        return math.inf, False
+    bounds, counts = _coalesce(bounds, counts)
+    if len(bounds) == 0 or not math.isinf(bounds[-1]) or bounds[-1] < 0:
+        return math.nan, False
+    fixed = np.maximum.accumulate(counts)
+    forced = bool((fixed != counts).any())
+    counts = fixed
+    if len(bounds) < 2:
+        return math.nan, forced
+    observations = counts[-1]
+    if observations == 0 or math.isnan(observations):
+        return math.nan, forced
+    rank = q * observations
+    b = int(np.searchsorted(counts, rank, side="left"))
+    b = min(b, len(counts) - 1)
+    if b == len(counts) - 1:
+        return float(bounds[-2]), forced
+    if b == 0 and bounds[0] <= 0:
+        return float(bounds[0]), forced
+    start, end, count = 0.0, float(bounds[b]), float(counts[b])
+    if b > 0:
+        start = float(bounds[b - 1])
+        count -= float(counts[b - 1])
+        rank -= float(counts[b - 1])
+    return start + (end - start) * (rank / count), forced
+
+
+def bucket_fraction(lower: float, upper: float, bounds: Floats, counts: Floats) -> float:
+    """The share of observations in [lower, upper], interpolating linearly inside finite
+    buckets. A bucket of infinite width is never interpolated into: a bound inside it counts
+    as its finite edge. The first bucket starts at 0 when its upper bound is positive."""
+    bounds, counts = _coalesce(bounds, counts)
+    if len(bounds) == 0 or not math.isinf(bounds[-1]) or bounds[-1] < 0:
+        return math.nan
+    total = float(counts[-1])
+    if total == 0 or math.isnan(total) or math.isnan(lower) or math.isnan(upper):
+        return math.nan
+    if lower >= upper:
+        return 0.0
+
+    def rank(x: float) -> float:
+        below = 0.0
+        for i, end in enumerate(bounds.tolist()):
+            start = (0.0 if end > 0 else -math.inf) if i == 0 else float(bounds[i - 1])
+            cum = float(counts[i])
+            if x <= start:
+                return below
+            if x < end:
+                if math.isinf(start):
+                    return cum
+                if math.isinf(end):
+                    return below
+                return float(below + (cum - below) * (x - start) / (end - start))
+            below = cum
+        return total
+
+    return (rank(upper) - rank(lower)) / total
+
+
+_QUANTILE_DOCS = (
+    "https://prometheus.io/docs/prometheus/latest/querying/functions/#histogram_quantile"
+)
+
+
+def _histogram_quantile(ev: Evaluation, args: list[Any]) -> Value:
+    phi = _arg_scalar(ev, args[0])
+    vector = ev.eval_vector(args[1])
+    warn_quantile(ev, phi, positions.argument_position(ev.query, "histogram_quantile", 0))
+    labels, groups = _bucket_groups(ev, vector, "histogram_quantile", 1)
+    steps = ev.steps
+    values = np.full((len(groups), steps), np.nan)
+    present = np.zeros((len(groups), steps), dtype=bool)
+    for g, (bounds, rows) in enumerate(groups):
+        p = vector.present[rows]
+        v = vector.values[rows]
+        for s in np.flatnonzero(p.any(axis=0)):
+            live = p[:, s]
+            value, forced = bucket_quantile(float(phi[s]), bounds[live], v[live, s])
+            if forced:
+                name = vector.labels[rows[0]].get(NAME, "")
+                ev.info(f"input to histogram_quantile needed to be fixed for monotonicity "
+                        f"(see {_QUANTILE_DOCS}) for metric name \"{name}\"",
+                        positions.argument_position(ev.query, "histogram_quantile", 1))  # fmt: skip
+            values[g, s] = value
+            present[g, s] = True
+    return Vector(labels, values, present, None, unique=False).merged()
+
+
+def _histogram_fraction(ev: Evaluation, args: list[Any]) -> Value:
+    lower = _arg_scalar(ev, args[0])
+    upper = _arg_scalar(ev, args[1])
+    vector = ev.eval_vector(args[2])
+    labels, groups = _bucket_groups(ev, vector, "histogram_fraction", 2)
+    steps = ev.steps
+    values = np.full((len(groups), steps), np.nan)
+    present = np.zeros((len(groups), steps), dtype=bool)
+    for g, (bounds, rows) in enumerate(groups):
+        p = vector.present[rows]
+        v = vector.values[rows]
+        for s in np.flatnonzero(p.any(axis=0)):
+            live = p[:, s]
+            values[g, s] = bucket_fraction(
+                float(lower[s]), float(upper[s]), bounds[live], v[live, s]
+            )
+            present[g, s] = True
+    return Vector(labels, values, present, None, unique=False).merged()
+
+
+# -- dates -----------------------------------------------------------------------------------
+def _date(part: str) -> Callable[[Evaluation, list[Any]], Value]:
+    def extract(seconds: float) -> float:
+        if not math.isfinite(seconds):
+            return math.nan
+        moment = datetime.fromtimestamp(math.floor(seconds), UTC)
+        if part == "year":
+            return moment.year
+        if part == "month":
+            return moment.month
+        if part == "day_of_month":
+            return moment.day
+        if part == "day_of_week":
+            return (moment.weekday() + 1) % 7
+        if part == "day_of_year":
+            return moment.timetuple().tm_yday
+        if part == "days_in_month":
+            return calendar.monthrange(moment.year, moment.month)[1]
+        if part == "hour":
+            return moment.hour
+        return moment.minute
+
+    def handler(ev: Evaluation, args: list[Any]) -> Value:
+        if args:
+            vector = ev.eval_vector(args[0])
+        else:
+            vector = Vector([{}], ev.times.astype(np.float64)[None, :] / 1000,
+                            np.ones((1, ev.steps), dtype=bool), None, unique=True)  # fmt: skip
+        values = np.full(vector.values.shape, np.nan)
+        cache: dict[float, float] = {}
+        for i, s in zip(*np.nonzero(vector.present), strict=True):
+            x = float(vector.values[i, s])
+            if x not in cache:
+                try:
+                    cache[x] = extract(x)
+                except (OverflowError, ValueError, OSError):
+                    cache[x] = math.nan
+            values[i, s] = cache[x]
+        return _vector_out(vector, values)
+
+    return handler
+
+
+def _sgn(values: Floats) -> Floats:
+    return np.sign(values)
+
+
+Handler = Callable[["Evaluation", list[Any]], Value]
+
+FUNCTIONS: dict[str, Handler] = {
+    "rate": lambda ev, a: _extrapolated(ev, a, is_counter=True, is_rate=True),
+    "increase": lambda ev, a: _extrapolated(ev, a, is_counter=True, is_rate=False),
+    "delta": lambda ev, a: _extrapolated(ev, a, is_counter=False, is_rate=False),
+    "irate": lambda ev, a: _instant_delta(ev, a, is_rate=True),
+    "idelta": lambda ev, a: _instant_delta(ev, a, is_rate=False),
+    "deriv": _deriv,
+    "predict_linear": _predict_linear,
+    "resets": lambda ev, a: _count_changes(ev, a, resets=True),
+    "changes": lambda ev, a: _count_changes(ev, a, resets=False),
+    "sum_over_time": _sum_over_time,
+    "avg_over_time": _avg_over_time,
+    "count_over_time": _count_over_time,
+    "present_over_time": _present_over_time,
+    "last_over_time": _last_over_time,
+    "min_over_time": _over_time("min"),
+    "max_over_time": _over_time("max"),
+    "quantile_over_time": _over_time("quantile"),
+    "stddev_over_time": _over_time("stddev"),
+    "stdvar_over_time": _over_time("stdvar"),
+    "absent_over_time": _absent_over_time,
+    "abs": _math(np.abs),
+    "ceil": _math(np.ceil),
+    "floor": _math(np.floor),
+    "exp": _math(np.exp),
+    "ln": _math(np.log),
+    "log2": _math(np.log2),
+    "log10": _math(np.log10),
+    "sqrt": _math(np.sqrt),
+    "sgn": _math(_sgn),
+    "sin": _math(np.sin),
+    "cos": _math(np.cos),
+    "tan": _math(np.tan),
+    "asin": _math(np.arcsin),
+    "acos": _math(np.arccos),
+    "atan": _math(np.arctan),
+    "sinh": _math(np.sinh),
+    "cosh": _math(np.cosh),
+    "tanh": _math(np.tanh),
+    "asinh": _math(np.arcsinh),
+    "acosh": _math(np.arccosh),
+    "atanh": _math(np.arctanh),
+    "deg": _math(np.degrees),
+    "rad": _math(np.radians),
+    "pi": lambda ev, a: Scalar(np.full(ev.steps, math.pi)),
+    "round": _round,
+    "clamp": lambda ev, a: _clamp(ev, a, low=True, high=True),
+    "clamp_min": lambda ev, a: _clamp(ev, a, low=True, high=False),
+    "clamp_max": lambda ev, a: _clamp(ev, a, low=False, high=True),
+    "time": _time,
+    "vector": _vector,
+    "scalar": _scalar,
+    "timestamp": _timestamp,
+    "absent": _absent,
+    "label_replace": _label_replace,
+    "label_join": _label_join,
+    "sort": _sort(descending=False),
+    "sort_desc": _sort(descending=True),
+    "histogram_quantile": _histogram_quantile,
+    "histogram_fraction": _histogram_fraction,
+    "year": _date("year"),
+    "month": _date("month"),
+    "day_of_month": _date("day_of_month"),
+    "day_of_week": _date("day_of_week"),
+    "day_of_year": _date("day_of_year"),
+    "days_in_month": _date("days_in_month"),
+    "hour": _date("hour"),
+    "minute": _date("minute"),
+}

@@ -1,0 +1,171 @@
+"""The engine's intermediate values. Every instant-vector expression is evaluated at all the
+steps of a query at once: a `Vector` holds one row per series and one column per step, with
+a presence mask, so NumPy does the arithmetic of a whole range query in a few calls.
+
+A `Matrix` (a range-vector selector or a subquery) keeps each series' raw samples plus the
+evaluation time of each step; functions over it cut a window `(t - range, t]` per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from lookout.errors import PromQLError
+from lookout.query.promql.model import Floats, Times
+
+Mask = npt.NDArray[np.bool_]
+Labels = dict[str, str]
+NAME = "__name__"
+
+
+def label_key(labels: Labels) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
+
+
+def without_name(labels: Labels) -> Labels:
+    if NAME not in labels:
+        return labels
+    return {k: v for k, v in labels.items() if k != NAME}
+
+
+@dataclass
+class Vector:
+    labels: list[Labels]
+    values: Floats  # (rows, steps)
+    present: Mask  # (rows, steps)
+    # Sample timestamps, kept only where timestamp() needs them.
+    sample_ts: npt.NDArray[np.int64] | None = None
+    # True when no two rows can share a label set (saves a merge pass).
+    unique: bool = True
+
+    @staticmethod
+    def empty(steps: int) -> Vector:
+        return Vector([], np.empty((0, steps)), np.empty((0, steps), dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, rows: list[int] | npt.NDArray[np.intp]) -> Vector:
+        index = np.asarray(rows, dtype=np.intp)
+        return Vector(
+            [self.labels[i] for i in index],
+            self.values[index],
+            self.present[index],
+            None if self.sample_ts is None else self.sample_ts[index],
+            self.unique,
+        )
+
+    def drop_empty(self) -> Vector:
+        keep = np.flatnonzero(self.present.any(axis=1))
+        if len(keep) == len(self.labels):
+            return self
+        return self.take(keep)
+
+    def relabel(self, labels: list[Labels], unique: bool) -> Vector:
+        return Vector(labels, self.values, self.present, None, unique)
+
+    def merged(self) -> Vector:
+        """Rows with the same labels become one; two of them present at the same step is
+        Prometheus's 'vector cannot contain metrics with the same labelset'."""
+        if self.unique or len(self.labels) < 2:
+            self.unique = True
+            return self
+        groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
+        for i, labels in enumerate(self.labels):
+            groups.setdefault(label_key(labels), []).append(i)
+        if len(groups) == len(self.labels):
+            self.unique = True
+            return self
+        firsts: list[int] = []
+        values = self.values.copy()
+        present = self.present.copy()
+        for rows in groups.values():
+            first = rows[0]
+            if len(rows) > 1:
+                counts = self.present[rows].sum(axis=0)
+                if (counts > 1).any():
+                    raise PromQLError(
+                        "vector cannot contain metrics with the same labelset", "execution"
+                    )
+                for other in rows[1:]:
+                    mask = self.present[other]
+                    values[first] = np.where(mask, self.values[other], values[first])
+                    present[first] |= mask
+            firsts.append(first)
+        index = np.asarray(firsts, dtype=np.intp)
+        return Vector(
+            [self.labels[i] for i in index], values[index], present[index], None, unique=True
+        )
+
+
+@dataclass
+class Scalar:
+    values: Floats  # (steps,)
+
+
+@dataclass
+class String:
+    text: str
+
+
+@dataclass
+class Matrix:
+    """Series with raw samples (stale markers removed), all concatenated into `ts` and
+    `values` with row i at `offsets[i]:offsets[i + 1]`, and per step the window end time
+    `times` (after offset and @) and the window length `range_ms`. Windows are
+    `(t - range, t]`, as in Prometheus 3."""
+
+    labels: list[Labels]
+    ts: Times
+    values: Floats
+    offsets: npt.NDArray[np.intp]
+    times: Times
+    range_ms: int
+    selector: object = field(default=None, repr=False)  # the parser node, for absent_over_time
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def windows(self) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """Per row and step, the global index range [lo, hi) of the samples in the window,
+        found for every row at once: each row's times are shifted into a band of its own
+        so that one sorted array serves one searchsorted call."""
+        rows = len(self.labels)
+        if rows == 0:
+            shape = (0, len(self.times))
+            return np.empty(shape, dtype=np.intp), np.empty(shape, dtype=np.intp)
+        base = int(self.times.min()) - self.range_ms
+        if len(self.ts):
+            base = min(base, int(self.ts.min()))
+        span = max(int(self.ts.max()) if len(self.ts) else 0, int(self.times.max())) - base + 2
+        row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(self.offsets))
+        keys = (self.ts - base) + row_of * span
+        bands = (np.arange(rows, dtype=np.int64) * span)[:, None]
+        ends = (self.times - base)[None, :] + bands
+        hi = np.searchsorted(keys, ends, side="right")
+        steps = len(self.times)
+        interval = int(self.times[1] - self.times[0]) if steps > 1 else 0
+        lag = self.range_ms // interval if interval > 0 else 0
+        regular = (
+            0 < lag < steps
+            and self.range_ms % interval == 0
+            and bool((np.diff(self.times) == interval).all())
+        )
+        if regular:
+            # A window starts where the window `lag` steps earlier ended: half the searching.
+            lo = np.empty_like(hi)
+            lo[:, lag:] = hi[:, :-lag]
+            lo[:, :lag] = np.searchsorted(keys, ends[:, :lag] - self.range_ms, side="right")
+        else:
+            lo = np.searchsorted(keys, ends - self.range_ms, side="right")
+        return lo, hi
+
+    def row(self, i: int) -> tuple[Times, Floats]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ts[a:b], self.values[a:b]
+
+
+Value = Vector | Scalar | String | Matrix
