@@ -371,13 +371,13 @@ class FakeEngine:
         answer = self._answer(self.answers, query)
         steps = range(start_ms, end_ms + 1, step_ms)
         series = [
-            ResultSeries(s.labels, [(t, s.points[0][1]) for t in steps]) for s in answer.series
+            ResultSeries.of(s.labels, [(t, s.points[0][1]) for t in steps]) for s in answer.series
         ]
         return QueryResult("matrix", sorted(series, key=lambda s: sorted(s.labels.items())))
 
 
 def vector(*samples: tuple[dict[str, str], float], t: int = 0) -> QueryResult:
-    return QueryResult("vector", [ResultSeries(labels, [(t, v)]) for labels, v in samples])
+    return QueryResult("vector", [ResultSeries.of(labels, [(t, v)]) for labels, v in samples])
 
 
 def judged(
@@ -426,7 +426,7 @@ def test_missing_and_unexpected_series_fail() -> None:
 
 
 def test_scalar_and_vector_answers_are_not_interchangeable() -> None:
-    scalar = QueryResult("scalar", [ResultSeries({}, [(0, 2.0)])])
+    scalar = QueryResult("scalar", [ResultSeries.of({}, [(0, 2.0)])])
     assert judged(
         "eval instant at 0 v\n  2\n\neval instant at 0 s\n  {} 2\n\neval instant at 0 s\n  2\n",
         {"v": vector(({}, 2)), "s": scalar},
@@ -515,12 +515,12 @@ def test_range_evals_check_points_times_and_order() -> None:
     good = QueryResult(
         "matrix",
         [
-            ResultSeries(A1, [(0, 1.0), (120_000, 3.0)]),
-            ResultSeries(A2, [(0, 1.0), (60_000, 1.0), (120_000, 1.0)]),
+            ResultSeries.of(A1, [(0, 1.0), (120_000, 3.0)]),
+            ResultSeries.of(A2, [(0, 1.0), (60_000, 1.0), (120_000, 1.0)]),
         ],
     )
     unsorted = QueryResult("matrix", good.series[::-1])
-    shifted = QueryResult("matrix", [ResultSeries(A1, [(0, 1.0), (60_000, 3.0)]), good.series[1]])
+    shifted = QueryResult("matrix", [ResultSeries.of(A1, [(0, 1.0), (60_000, 3.0)]), good.series[1]])
     assert judged(
         script + "\n" + script.replace(" q", " u") + "\n" + script.replace(" q", " s"),
         {},
@@ -535,7 +535,7 @@ def test_range_evals_check_points_times_and_order() -> None:
 def test_an_instant_eval_must_agree_with_its_range_mode() -> None:
     """Prometheus re-runs an instant eval as a 3-step range query and compares the middle."""
     answer = vector((A1, 3), t=60_000)
-    other = QueryResult("matrix", [ResultSeries(A1, [(0, 3.0), (60_000, 4.0)])])
+    other = QueryResult("matrix", [ResultSeries.of(A1, [(0, 3.0), (60_000, 4.0)])])
     assert judged('eval instant at 1m q\n  {a="1"} 3\n', {"q": answer}, {"q": other}) == [
         ("failed", 'in range mode: expected {a="1"} 3, got 4')
     ]

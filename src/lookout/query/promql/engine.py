@@ -139,44 +139,37 @@ class Engine:
 
 
 def _instant_result(value: Value, time_ms: int) -> QueryResult:
+    at = np.array([time_ms], dtype=np.int64)
     if isinstance(value, Scalar):
-        return QueryResult("scalar", [ResultSeries({}, [(time_ms, float(value.values[0]))])])
+        return QueryResult("scalar", [ResultSeries({}, at, value.values[:1].copy())])
     if isinstance(value, String):
         return QueryResult("string", [], text=value.text)
     if isinstance(value, Matrix):
         series = []
+        end = int(value.times[0])
         for i, labels in enumerate(value.labels):
             ts, values = value.row(i)
-            end = int(value.times[0])
-            keep = ts > end - value.range_ms
-            keep &= ts <= end
+            keep = (ts > end - value.range_ms) & (ts <= end)
             if keep.any():
-                points = list(zip(ts[keep].tolist(), values[keep].tolist(), strict=True))
-                series.append(ResultSeries(labels, points))
+                series.append(ResultSeries(labels, ts[keep], values[keep]))
         return QueryResult("matrix", series)
-    series = [
-        ResultSeries(labels, [(time_ms, float(value.values[i, 0]))])
-        for i, labels in enumerate(value.labels)
-        if value.present[i, 0]
-    ]
+    live = np.flatnonzero(value.present[:, 0]) if len(value) else []
+    series = [ResultSeries(value.labels[i], at, value.values[i, :1].copy()) for i in live]
     return QueryResult("vector", series)
 
 
 def _range_result(value: Vector | Scalar, times: Times) -> QueryResult:
     if isinstance(value, Scalar):
-        points = list(zip(times.tolist(), value.values.tolist(), strict=True))
-        return QueryResult("matrix", [ResultSeries({}, points)])
+        return QueryResult("matrix", [ResultSeries({}, times, value.values)])
     series = []
-    all_times = times.tolist()
-    for i, labels in enumerate(value.labels):
-        mask = value.present[i]
-        if not mask.any():
-            continue
-        if mask.all():
-            points = list(zip(all_times, value.values[i].tolist(), strict=True))
+    any_present = value.present.any(axis=1) if len(value) else []
+    all_present = value.present.all(axis=1) if len(value) else []
+    for i in np.flatnonzero(any_present):
+        if all_present[i]:
+            series.append(ResultSeries(value.labels[i], times, value.values[i]))
         else:
-            points = list(zip(times[mask].tolist(), value.values[i][mask].tolist(), strict=True))
-        series.append(ResultSeries(labels, points))
+            mask = value.present[i]
+            series.append(ResultSeries(value.labels[i], times[mask], value.values[i][mask]))
     series.sort(key=lambda s: sorted(s.labels.items()))
     return QueryResult("matrix", series)
 
@@ -410,25 +403,23 @@ def _concat(
     *,
     drop_stale: bool,
 ) -> Matrix:
-    ts_parts, value_parts, offsets = [], [], [0]
-    for s in series:
-        ts, values = s.ts, s.values
-        if drop_stale:
-            keep = ~stale_mask(values)
-            if not keep.all():
-                ts, values = ts[keep], values[keep]
-        ts_parts.append(ts)
-        value_parts.append(values)
-        offsets.append(offsets[-1] + len(ts))
-    ts_all = (
-        np.concatenate(ts_parts).astype(np.int64, copy=False)
-        if ts_parts
-        else np.empty(0, dtype=np.int64)
-    )
-    values_all = (
-        np.concatenate(value_parts).astype(np.float64, copy=False) if value_parts else np.empty(0)
-    )
-    return Matrix(labels, ts_all, values_all, np.asarray(offsets, dtype=np.intp), times, range_ms)
+    """All series' samples in two flat arrays; for a range, without staleness markers."""
+    lengths = np.fromiter((len(s.ts) for s in series), dtype=np.intp, count=len(series))
+    if len(series):
+        ts_all = np.concatenate([s.ts for s in series]).astype(np.int64, copy=False)
+        values_all = np.concatenate([s.values for s in series]).astype(np.float64, copy=False)
+    else:
+        ts_all, values_all = np.empty(0, dtype=np.int64), np.empty(0)
+    if drop_stale and len(values_all):
+        stale = stale_mask(values_all)
+        if stale.any():
+            keep = ~stale
+            rows = np.repeat(np.arange(len(series)), lengths)
+            lengths = np.bincount(rows[keep], minlength=len(series)).astype(np.intp)
+            ts_all, values_all = ts_all[keep], values_all[keep]
+    offsets = np.zeros(len(series) + 1, dtype=np.intp)
+    np.cumsum(lengths, out=offsets[1:])
+    return Matrix(labels, ts_all, values_all, offsets, times, range_ms)
 
 
 def go_float(value: float) -> str:

@@ -244,33 +244,53 @@ def _well_conditioned(m: Matrix) -> bool:
     return bool(np.isfinite(m.values).all() and (np.abs(m.values) < SAFE_MAGNITUDE).all())
 
 
+def _window_sums(ev: Evaluation, m: Matrix) -> tuple[Floats, Any, Any, Any]:
+    """Every window's sum from per-series prefix sums, with Prometheus's Kahan sum redone
+    window by window wherever the prefix sums' rounding could reach 1e-9 of the result
+    (values of very different sizes, or cancelling ones). Returns sums, lo, hi and count."""
+    lo, hi = m.windows()
+    rows = len(m)
+    prefix = np.zeros(len(m.values) + rows)
+    magnitude = np.zeros(len(m.values) + rows)
+    offsets = m.offsets
+    for r in range(rows):
+        a, b = int(offsets[r]), int(offsets[r + 1])
+        np.cumsum(m.values[a:b], out=prefix[a + r + 1 : b + r + 1])
+        np.cumsum(np.abs(m.values[a:b]), out=magnitude[a + r + 1 : b + r + 1])
+    shift = np.arange(rows, dtype=np.intp)[:, None]
+    count = hi - lo
+    with np.errstate(all="ignore"):
+        sums = prefix[hi + shift] - prefix[lo + shift]
+        lengths = np.diff(offsets).astype(np.float64)[:, None]
+        error = 2.3e-16 * lengths * magnitude[hi + shift]
+        doubtful = (count > 0) & ~(np.abs(sums) * 1e-9 > error)
+    for r, s in zip(*np.nonzero(doubtful), strict=True):
+        ev.check()
+        sums[r, s] = _kahan(m.values[lo[r, s] : hi[r, s]])
+    return sums, lo, hi, count
+
+
 def _sum_over_time(ev: Evaluation, args: list[Any]) -> Value:
     m = _arg_matrix(ev, args[0])
-    if _well_conditioned(m):
-        lo, hi = m.windows()
-        prefix = np.concatenate([[0.0], np.cumsum(m.values)])
-        return _matrix_out(m, prefix[hi] - prefix[lo], hi > lo)
-    return _per_window(ev, m, lambda t, v, s: _kahan(v))
+    sums, _, _, count = _window_sums(ev, m)
+    return _matrix_out(m, sums, count > 0)
 
 
 def _avg_over_time(ev: Evaluation, args: list[Any]) -> Value:
     m = _arg_matrix(ev, args[0])
-    if _well_conditioned(m):
-        lo, hi = m.windows()
-        prefix = np.concatenate([[0.0], np.cumsum(m.values)])
-        with np.errstate(all="ignore"):
-            return _matrix_out(m, (prefix[hi] - prefix[lo]) / (hi - lo), hi > lo)
-
-    def mean(_t: Any, v: Floats, _s: int) -> float:
-        total = _kahan(v)
-        if math.isfinite(total) or not np.isfinite(v).all():
-            return total / len(v)
-        result = 0.0
-        for k, x in enumerate(v.tolist(), 1):
-            result += x / k - result / k
-        return result
-
-    return _per_window(ev, m, mean)
+    sums, lo, hi, count = _window_sums(ev, m)
+    present = count > 0
+    with np.errstate(all="ignore"):
+        means = sums / count
+    # A sum that overflowed: Prometheus falls back to the incremental mean.
+    for r, s in zip(*np.nonzero(present & np.isinf(means)), strict=True):
+        window = m.values[lo[r, s] : hi[r, s]]
+        if np.isfinite(window).all():
+            mean = 0.0
+            for k, x in enumerate(window.tolist(), 1):
+                mean += x / k - mean / k
+            means[r, s] = mean
+    return _matrix_out(m, means, present)
 
 
 def _count_over_time(ev: Evaluation, args: list[Any]) -> Value:

@@ -99,8 +99,21 @@ ResultType = Literal["vector", "matrix", "scalar", "string"]
 
 @dataclass
 class ResultSeries:
+    """One result series: its points as two arrays (what the API formats without a Python
+    object per point), and as (time ms, value) pairs through `points`."""
+
     labels: dict[str, str]
-    points: list[tuple[int, float]]  # (time ms, value)
+    ts: Times
+    values: Floats
+
+    @property
+    def points(self) -> list[tuple[int, float]]:
+        return list(zip(self.ts.tolist(), self.values.tolist(), strict=True))
+
+    @classmethod
+    def of(cls, labels: dict[str, str], points: list[tuple[int, float]]) -> ResultSeries:
+        ts = np.array([t for t, _ in points], dtype=np.int64)
+        return cls(labels, ts, np.array([v for _, v in points], dtype=np.float64))
 
 
 @dataclass
