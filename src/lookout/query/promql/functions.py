@@ -382,7 +382,8 @@ def _absent_over_time(ev: Evaluation, args: list[Any]) -> Value:
     any_present = (hi > lo).any(axis=0) if len(m) else np.zeros(len(m.times), dtype=bool)
     selector = m.selector if isinstance(m.selector, pp.VectorSelector) else None
     labels = _absent_labels(ev, selector)
-    return Vector([labels], np.ones((1, len(m.times))), np.logical_not(any_present).reshape(1, -1), None, unique=True)
+    absent = np.logical_not(any_present).reshape(1, -1)
+    return Vector([labels], np.ones((1, len(m.times))), absent, None, unique=True)
 
 
 # -- instant vector functions ------------------------------------------------------------------
@@ -481,7 +482,8 @@ def _absent(ev: Evaluation, args: list[Any]) -> Value:
     node = _unwrap(args[0])
     selector = node if isinstance(node, pp.VectorSelector) else None
     labels = _absent_labels(ev, selector)
-    return Vector([labels], np.ones((1, ev.steps)), np.logical_not(any_present).reshape(1, -1), None, unique=True)
+    absent = np.logical_not(any_present).reshape(1, -1)
+    return Vector([labels], np.ones((1, ev.steps)), absent, None, unique=True)
 
 
 def _sort(*, descending: bool) -> Callable[[Evaluation, list[Any]], Value]:
