@@ -520,7 +520,9 @@ def test_range_evals_check_points_times_and_order() -> None:
         ],
     )
     unsorted = QueryResult("matrix", good.series[::-1])
-    shifted = QueryResult("matrix", [ResultSeries.of(A1, [(0, 1.0), (60_000, 3.0)]), good.series[1]])
+    shifted = QueryResult(
+        "matrix", [ResultSeries.of(A1, [(0, 1.0), (60_000, 3.0)]), good.series[1]]
+    )
     assert judged(
         script + "\n" + script.replace(" q", " u") + "\n" + script.replace(" q", " s"),
         {},

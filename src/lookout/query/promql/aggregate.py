@@ -17,7 +17,15 @@ import numpy as np
 from lookout.errors import PromQLError
 from lookout.query.promql import positions
 from lookout.query.promql.model import Floats
-from lookout.query.promql.values import NAME, Labels, Mask, Scalar, String, Value, Vector
+from lookout.query.promql.values import (
+    RESERVED,
+    Labels,
+    Mask,
+    Scalar,
+    String,
+    Value,
+    Vector,
+)
 
 if TYPE_CHECKING:
     from lookout.query.promql.engine import Evaluation
@@ -35,7 +43,7 @@ def _grouping(node: Any) -> tuple[bool, list[str]]:
 
 def _group_labels(labels: Labels, without: bool, names: list[str]) -> Labels:
     if without:
-        dropped = set(names) | {NAME}
+        dropped = set(names) | RESERVED
         return {k: v for k, v in labels.items() if k not in dropped}
     return {n: labels[n] for n in names if labels.get(n, "")}
 
@@ -125,7 +133,10 @@ def evaluate(ev: Evaluation, node: Any) -> Value:
             p = vector.present[rows]
             present[g] = p.any(axis=0)
             values[g] = _reduce(op, v, p, phi)
-    return Vector(out_labels, values, present, None, unique=True)
+    drop = None
+    if vector.drop is not None:  # a kept name is dropped if any of its inputs drops it
+        drop = np.array([bool(vector.drop[rows].any()) for rows in groups], dtype=bool)
+    return Vector(out_labels, values, present, None, unique=True, drop=drop)
 
 
 def _reduce(op: str, v: Floats, p: Mask, phi: Floats | None) -> Floats:
@@ -271,7 +282,9 @@ def _topk(
                 present[r, s] = True
                 if steps == 1:
                     rank_of[r] = (g, rank)
-    out = Vector(vector.labels, vector.values, present, None, unique=vector.unique)
+    out = Vector(
+        vector.labels, vector.values, present, None, unique=vector.unique, drop=vector.drop
+    )
     if rank_of:
         out = out.take(sorted(rank_of, key=rank_of.__getitem__))
     return out

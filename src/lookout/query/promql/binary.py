@@ -13,7 +13,14 @@ import numpy as np
 
 from lookout.errors import PromQLError
 from lookout.query.promql.model import Floats
-from lookout.query.promql.values import NAME, Labels, Scalar, Value, Vector, without_name
+from lookout.query.promql.values import (
+    RESERVED,
+    Labels,
+    Scalar,
+    Value,
+    Vector,
+    name_dropped,
+)
 
 if TYPE_CHECKING:
     from lookout.query.promql.engine import Evaluation
@@ -66,14 +73,17 @@ def evaluate(ev: Evaluation, node: Any) -> Value:
         if keep is not None:
             values = keep.astype(np.float64)
         return Scalar(values)
+    delayed = ev.engine.delayed_name_removal
     if isinstance(lhs, Vector) and isinstance(rhs, Scalar):
-        return _vector_scalar(op, lhs, rhs.values, swap=False, return_bool=return_bool)
+        return _vector_scalar(op, lhs, rhs.values, swap=False, return_bool=return_bool,
+                              delayed=delayed)  # fmt: skip
     if isinstance(lhs, Scalar) and isinstance(rhs, Vector):
-        return _vector_scalar(op, rhs, lhs.values, swap=True, return_bool=return_bool)
+        return _vector_scalar(op, rhs, lhs.values, swap=True, return_bool=return_bool,
+                              delayed=delayed)  # fmt: skip
     if isinstance(lhs, Vector) and isinstance(rhs, Vector):
         if op in SET:
             return _set_op(op, lhs, rhs, modifier)
-        return _vector_vector(op, lhs, rhs, modifier, return_bool=return_bool)
+        return _vector_vector(op, lhs, rhs, modifier, return_bool=return_bool, delayed=delayed)
     raise PromQLError(f"binary operator {op!r} between {type(lhs).__name__} and "
                       f"{type(rhs).__name__} is not allowed", "bad_data")  # fmt: skip
 
@@ -83,7 +93,7 @@ def _drops_name(op: str, return_bool: bool) -> bool:
 
 
 def _vector_scalar(
-    op: str, vector: Vector, scalar: Floats, *, swap: bool, return_bool: bool
+    op: str, vector: Vector, scalar: Floats, *, swap: bool, return_bool: bool, delayed: bool
 ) -> Vector:
     row = scalar[None, :]
     if swap:
@@ -98,12 +108,9 @@ def _vector_scalar(
         else:
             present = present & keep
     if _drops_name(op, return_bool):
-        names = {lb.get(NAME) for lb in vector.labels}
-        labels = [without_name(lb) for lb in vector.labels]
-        return Vector(
-            labels, values, present, None, unique=vector.unique and len(names) <= 1
-        ).merged()
-    return Vector(vector.labels, values, present, None, vector.unique)
+        return name_dropped(vector.labels, values, present, unique=vector.unique,
+                            prior=vector.drop, delayed=delayed)  # fmt: skip
+    return Vector(vector.labels, values, present, None, unique=vector.unique, drop=vector.drop)
 
 
 def _signature_fn(modifier: Any) -> tuple[bool, list[str]]:
@@ -118,7 +125,7 @@ def _signature_fn(modifier: Any) -> tuple[bool, list[str]]:
 def _signatures(labels: list[Labels], on: bool, names: list[str]) -> list[tuple[str, ...]]:
     if on:
         return [tuple(lb.get(n, "") for n in names) for lb in labels]
-    dropped = set(names) | {NAME}
+    dropped = set(names) | RESERVED
     return [tuple(sorted((k, v) for k, v in lb.items() if k not in dropped)) for lb in labels]  # type: ignore[misc]
 
 
@@ -144,7 +151,7 @@ def _set_op(op: str, lhs: Vector, rhs: Vector, modifier: Any) -> Vector:
         for i, sig in enumerate(lsig):
             found = right.get(sig, none)
             present[i] &= found if op == "and" else ~found
-        return Vector(lhs.labels, lhs.values, present, None, lhs.unique)
+        return Vector(lhs.labels, lhs.values, present, None, unique=lhs.unique, drop=lhs.drop)
     # or: everything of lhs, and rhs rows whose signature lhs lacks at that step
     left = presence(lsig, lhs)
     rpresent = rhs.present.copy()
@@ -156,11 +163,21 @@ def _set_op(op: str, lhs: Vector, rhs: Vector, modifier: Any) -> Vector:
         np.concatenate([lhs.present, rpresent]),
         None,
         unique=False,
+        drop=_flags(lhs, rhs),
     ).merged()
 
 
+def _flags(lhs: Vector, rhs: Vector) -> Any:
+    """Both sides' delayed-removal flags, one after the other (None when neither has any)."""
+    if lhs.drop is None and rhs.drop is None:
+        return None
+    left = lhs.drop if lhs.drop is not None else np.zeros(len(lhs), dtype=bool)
+    right = rhs.drop if rhs.drop is not None else np.zeros(len(rhs), dtype=bool)
+    return np.concatenate([left, right])
+
+
 def _vector_vector(
-    op: str, lhs: Vector, rhs: Vector, modifier: Any, *, return_bool: bool
+    op: str, lhs: Vector, rhs: Vector, modifier: Any, *, return_bool: bool, delayed: bool
 ) -> Vector:
     card = str(modifier.card) if modifier is not None else "OneToOne"
     one_to_many = card.endswith("OneToMany")
@@ -182,6 +199,8 @@ def _vector_vector(
     out_present: list[Any] = []
     out_sig: list[tuple[str, ...]] = []
     out_matched: list[Any] = []
+    out_drop: list[bool] = []
+    drops = _drops_name(op, return_bool)
     for i, sig in enumerate(msig):
         for j in by_sig.get(sig, ()):
             both = many.present[i] & one.present[j]
@@ -197,8 +216,9 @@ def _vector_vector(
                 else:
                     both = both & keep
             labels = _result_labels(many.labels[i], one.labels[j], op, card, on=on, names=names,
-                                    include=include, return_bool=return_bool)  # fmt: skip
+                                    include=include, drop_name=drops and not delayed)  # fmt: skip
             out_labels.append(labels)
+            out_drop.append(delayed and (drops or bool(many.drop is not None and many.drop[i])))
             out_values.append(values)
             out_present.append(both)
             out_matched.append(matched)
@@ -227,7 +247,8 @@ def _vector_vector(
                 "multiple matches for matching labels: grouping labels must ensure unique matches",
                 "execution",
             )
-    return Vector(out_labels, values_all, present, None, unique=False).merged()
+    drop = np.array(out_drop, dtype=bool) if delayed else None
+    return Vector(out_labels, values_all, present, None, unique=False, drop=drop).merged()
 
 
 def _check_one_side(
@@ -255,11 +276,12 @@ def _result_labels(
     on: bool,
     names: list[str],
     include: list[str],
-    return_bool: bool,
+    drop_name: bool,
 ) -> Labels:
     out = dict(many)
-    if op in ARITHMETIC or return_bool:
-        out.pop(NAME, None)
+    if drop_name:
+        for name in RESERVED:
+            out.pop(name, None)
     if card.endswith("OneToOne"):
         if on:
             out = {k: v for k, v in out.items() if k in names}
@@ -284,5 +306,5 @@ def _match_text(labels: Labels, on: bool, names: list[str]) -> str:
     if on:
         kept = {k: v for k, v in labels.items() if k in names}
     else:
-        kept = {k: v for k, v in labels.items() if k not in names and k != NAME}
+        kept = {k: v for k, v in labels.items() if k not in names and k not in RESERVED}
     return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(kept.items())) + "}"

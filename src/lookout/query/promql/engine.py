@@ -34,6 +34,7 @@ from lookout.query.promql.values import (
     String,
     Value,
     Vector,
+    name_dropped,
     without_name,
 )
 
@@ -87,17 +88,21 @@ class Engine:
         lookback_ms: int = 300_000,
         max_samples: int = 5_000_000,
         timeout_s: float = 30.0,
+        delayed_name_removal: bool = False,
     ) -> None:
         self.storage = storage
         self.lookback_ms = lookback_ms
         self.max_samples = max_samples
         self.timeout_s = timeout_s
+        # Prometheus's `promql-delayed-name-removal` feature: off by default in Prometheus,
+        # on in its promqltest engine (and so in `lookout promql-test`).
+        self.delayed_name_removal = delayed_name_removal
 
     def instant(self, query: str, time_ms: int, *, timeout_s: float | None = None) -> QueryResult:
         expr = parse(query)
         times = np.array([time_ms], dtype=np.int64)
         ev = Evaluation(self, times, time_ms, time_ms, timeout_s, query=query)
-        value = ev.eval(expr)
+        value = _finished(ev.eval(expr))
         result = _instant_result(value, time_ms)
         return ev.finish(result)
 
@@ -118,7 +123,7 @@ class Engine:
             )
         if end_ms < start_ms:
             raise PromQLError("end timestamp must not be before start time", "bad_data")
-        if (end_ms - start_ms) // step_ms >= MAX_POINTS_PER_SERIES:
+        if (end_ms - start_ms) / step_ms > MAX_POINTS_PER_SERIES:  # Prometheus's own test
             raise PromQLError(
                 "exceeded maximum resolution of 11,000 points per timeseries. "
                 "Try decreasing the query resolution (?step=XX)",
@@ -127,7 +132,7 @@ class Engine:
         expr = parse(query)
         times = np.arange(start_ms, end_ms + 1, step_ms, dtype=np.int64)
         ev = Evaluation(self, times, start_ms, end_ms, timeout_s, query=query, is_range=True)
-        value = ev.eval(expr)
+        value = _finished(ev.eval(expr))
         if isinstance(value, String | Matrix):
             kind = "string" if isinstance(value, String) else "range vector"
             raise PromQLError(
@@ -136,6 +141,19 @@ class Engine:
                 "bad_data",
             )
         return ev.finish(_range_result(value, times))
+
+
+def _finished(value: Value) -> Value:
+    """Names flagged for delayed removal go now, at the end of the query."""
+    if isinstance(value, Vector):
+        return value.finished()
+    if isinstance(value, Matrix) and value.drop is not None and value.drop.any():
+        flags = value.drop.tolist()
+        labels = [without_name(lb) if f else lb for lb, f in zip(value.labels, flags, strict=True)]
+        if len({tuple(sorted(lb.items())) for lb in labels}) < len(labels):
+            raise PromQLError("vector cannot contain metrics with the same labelset", "execution")
+        value.labels = labels
+    return value
 
 
 def _instant_result(value: Value, time_ms: int) -> QueryResult:
@@ -153,7 +171,7 @@ def _instant_result(value: Value, time_ms: int) -> QueryResult:
             if keep.any():
                 series.append(ResultSeries(labels, ts[keep], values[keep]))
         return QueryResult("matrix", series)
-    live = np.flatnonzero(value.present[:, 0]) if len(value) else []
+    live = np.flatnonzero(value.present[:, 0]).tolist() if len(value) else []
     series = [ResultSeries(value.labels[i], at, value.values[i, :1].copy()) for i in live]
     return QueryResult("vector", series)
 
@@ -161,10 +179,11 @@ def _instant_result(value: Value, time_ms: int) -> QueryResult:
 def _range_result(value: Vector | Scalar, times: Times) -> QueryResult:
     if isinstance(value, Scalar):
         return QueryResult("matrix", [ResultSeries({}, times, value.values)])
-    series = []
-    any_present = value.present.any(axis=1) if len(value) else []
-    all_present = value.present.all(axis=1) if len(value) else []
-    for i in np.flatnonzero(any_present):
+    series: list[ResultSeries] = []
+    if len(value) == 0:
+        return QueryResult("matrix", series)
+    all_present: list[bool] = value.present.all(axis=1).tolist()
+    for i in np.flatnonzero(value.present.any(axis=1)).tolist():
         if all_present[i]:
             series.append(ResultSeries(value.labels[i], times, value.values[i]))
         else:
@@ -276,10 +295,9 @@ class Evaluation:
         if isinstance(value, Scalar):
             return Scalar(-value.values)
         if isinstance(value, Vector):
-            unique = value.unique and len({lb.get(NAME) for lb in value.labels}) <= 1
-            out = Vector([without_name(lb) for lb in value.labels], -value.values,
-                         value.present, None, unique)  # fmt: skip
-            return out.merged()
+            delayed = self.engine.delayed_name_removal
+            return name_dropped(value.labels, -value.values, value.present, unique=value.unique,
+                                prior=value.drop, delayed=delayed)  # fmt: skip
         raise PromQLError("unary minus applies to numbers and instant vectors only")
 
     # -- selectors -----------------------------------------------------------------------
@@ -392,7 +410,8 @@ class Evaluation:
         ts = np.concatenate(ts_parts) if ts_parts else np.empty(0, dtype=np.int64)
         values = np.concatenate(value_parts) if value_parts else np.empty(0)
         self.count(len(ts))
-        return Matrix(value.labels, ts, values, np.asarray(offsets, dtype=np.intp), times, range_ms)
+        offsets_array = np.asarray(offsets, dtype=np.intp)
+        return Matrix(value.labels, ts, values, offsets_array, times, range_ms, drop=value.drop)
 
 
 def _concat(

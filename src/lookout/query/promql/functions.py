@@ -29,7 +29,7 @@ from lookout.query.promql.values import (
     String,
     Value,
     Vector,
-    without_name,
+    name_dropped,
 )
 
 if TYPE_CHECKING:
@@ -46,20 +46,22 @@ def call(ev: Evaluation, node: Any) -> Value:
 
 # -- helpers ---------------------------------------------------------------------------------
 def _vector_out(
-    vector: Vector, values: Floats, present: Any = None, keep_name: bool = False
+    ev: Evaluation, vector: Vector, values: Floats, present: Any = None, *, keep_name: bool = False
 ) -> Vector:
     present = vector.present if present is None else present
     if keep_name:
-        return Vector(vector.labels, values, present, None, vector.unique)
-    names = {lb.get(NAME) for lb in vector.labels}
-    labels = [without_name(lb) for lb in vector.labels]
-    return Vector(labels, values, present, None, unique=vector.unique and len(names) <= 1).merged()
+        return Vector(vector.labels, values, present, None, unique=vector.unique, drop=vector.drop)
+    return name_dropped(vector.labels, values, present, unique=vector.unique, prior=vector.drop,
+                        delayed=ev.engine.delayed_name_removal)  # fmt: skip
 
 
-def _matrix_out(matrix: Matrix, values: Floats, present: Any, keep_name: bool = False) -> Vector:
-    labels = matrix.labels if keep_name else [without_name(lb) for lb in matrix.labels]
-    unique = keep_name or len({lb.get(NAME) for lb in matrix.labels}) <= 1
-    return Vector(labels, values, present, None, unique).merged()
+def _matrix_out(
+    ev: Evaluation, matrix: Matrix, values: Floats, present: Any, *, keep_name: bool = False
+) -> Vector:
+    if keep_name:
+        return Vector(matrix.labels, values, present, None, unique=True, drop=matrix.drop)
+    return name_dropped(matrix.labels, values, present, unique=True, prior=matrix.drop,
+                        delayed=ev.engine.delayed_name_removal)  # fmt: skip
 
 
 def _arg_matrix(ev: Evaluation, node: Any) -> Matrix:
@@ -108,16 +110,35 @@ def _endpoints(m: Matrix) -> dict[str, Any]:
     }
 
 
-def _reset_sums(m: Matrix) -> Floats:
-    """Running sum of what counter resets lost: C[i] - C[j] is the correction between
-    samples j and i of one series."""
+def _lost_at_resets(m: Matrix) -> Floats:
+    """Per sample, what a counter reset there lost (the value before it), else 0."""
     values = m.values
     lost = np.zeros(len(values))
     if len(values) > 1:
         drop = values[1:] < values[:-1]
-        drop[m.offsets[1:-1][m.offsets[1:-1] < len(values)] - 1] = False  # not across series
+        inner = m.offsets[1:-1]
+        drop[inner[(inner > 0) & (inner < len(values))] - 1] = False  # not across series
         lost[1:] = np.where(drop, values[:-1], 0.0)
-    return np.cumsum(lost)
+    return lost
+
+
+def _add_resets(ev: Evaluation, m: Matrix, result: Floats, lo: Any, hi: Any) -> None:
+    """Adds each window's counter-reset corrections to `result`, in sample order as
+    Prometheus does, so a window without resets is untouched and one with a single reset
+    gets exactly `last - first + lost` (running sums would leave rounding residue)."""
+    lost = _lost_at_resets(m)
+    resets = np.flatnonzero(lost)
+    if len(resets) == 0:
+        return
+    first = np.searchsorted(resets, lo, side="right")  # resets in (lo, hi - 1]
+    count = np.searchsorted(resets, hi - 1, side="right") - first
+    count[hi - lo < 2] = 0
+    single = count == 1
+    result[single] += lost[resets[first[single]]]
+    for r, s in zip(*np.nonzero(count > 1), strict=True):
+        ev.check()
+        for k in range(int(first[r, s]), int(first[r, s] + count[r, s])):
+            result[r, s] += lost[resets[k]]
 
 
 def _extrapolated(ev: Evaluation, args: list[Any], *, is_counter: bool, is_rate: bool) -> Value:
@@ -133,9 +154,7 @@ def _extrapolated(ev: Evaluation, args: list[Any], *, is_counter: bool, is_rate:
     with np.errstate(all="ignore"):
         result = e["v1"] - e["v0"]
         if is_counter and len(m.ts):
-            sums = _reset_sums(m)
-            result += sums[np.maximum(e["hi"] - 1, 0)]
-            result -= sums[np.minimum(e["lo"], len(sums) - 1)]
+            _add_resets(ev, m, result, e["lo"], e["hi"])
         t0, t1 = e["t0"], e["t1"]
         ends = m.times.astype(np.float64)[None, :]
         to_start = t0 - (ends - m.range_ms)
@@ -157,7 +176,7 @@ def _extrapolated(ev: Evaluation, args: list[Any], *, is_counter: bool, is_rate:
         if is_rate:
             to_start /= m.range_ms / 1000
         result *= to_start
-    return _matrix_out(m, result, present)
+    return _matrix_out(ev, m, result, present)
 
 
 _COUNTER_SUFFIXES = ("_total", "_sum", "_count", "_bucket")
@@ -178,14 +197,14 @@ def _instant_delta(ev: Evaluation, args: list[Any], *, is_rate: bool) -> Value:
     lo, hi = m.windows()
     present = (hi - lo) >= 2
     if len(m.ts) < 2:
-        return _matrix_out(m, np.zeros(present.shape), present & False)
+        return _matrix_out(ev, m, np.zeros(present.shape), present & False)
     last = np.maximum(hi - 1, 1)
     prev = last - 1
     v1, v0 = m.values[last], m.values[prev]
     dt = (m.ts[last] - m.ts[prev]).astype(np.float64) / 1000
     with np.errstate(all="ignore"):
         result = np.where(v1 < v0, v1, v1 - v0) / dt if is_rate else v1 - v0
-    return _matrix_out(m, result, present)
+    return _matrix_out(ev, m, result, present)
 
 
 def _count_changes(ev: Evaluation, args: list[Any], *, resets: bool) -> Value:
@@ -200,10 +219,10 @@ def _count_changes(ev: Evaluation, args: list[Any], *, resets: bool) -> Value:
     sums = np.cumsum(flag)
     present = (hi - lo) >= 1
     if len(values) == 0:
-        return _matrix_out(m, np.zeros(present.shape), present)
+        return _matrix_out(ev, m, np.zeros(present.shape), present)
     top = sums[np.maximum(hi - 1, 0)]
     bottom = sums[np.minimum(lo, len(sums) - 1)]
-    return _matrix_out(m, np.where(present, top - bottom, 0.0), present)
+    return _matrix_out(ev, m, np.where(present, top - bottom, 0.0), present)
 
 
 # -- range functions window by window --------------------------------------------------------
@@ -223,7 +242,7 @@ def _per_window(
         for s in np.flatnonzero(present[i]):
             a, b = lo[i, s], hi[i, s]
             values[i, s] = fn(m.ts[a:b], m.values[a:b], int(s))
-    return _matrix_out(m, values, present, keep_name)
+    return _matrix_out(ev, m, values, present, keep_name=keep_name)
 
 
 def _kahan(values: Floats) -> float:
@@ -273,7 +292,7 @@ def _window_sums(ev: Evaluation, m: Matrix) -> tuple[Floats, Any, Any, Any]:
 def _sum_over_time(ev: Evaluation, args: list[Any]) -> Value:
     m = _arg_matrix(ev, args[0])
     sums, _, _, count = _window_sums(ev, m)
-    return _matrix_out(m, sums, count > 0)
+    return _matrix_out(ev, m, sums, count > 0)
 
 
 def _avg_over_time(ev: Evaluation, args: list[Any]) -> Value:
@@ -290,27 +309,27 @@ def _avg_over_time(ev: Evaluation, args: list[Any]) -> Value:
             for k, x in enumerate(window.tolist(), 1):
                 mean += x / k - mean / k
             means[r, s] = mean
-    return _matrix_out(m, means, present)
+    return _matrix_out(ev, m, means, present)
 
 
 def _count_over_time(ev: Evaluation, args: list[Any]) -> Value:
     m = _arg_matrix(ev, args[0])
     lo, hi = m.windows()
-    return _matrix_out(m, (hi - lo).astype(np.float64), hi > lo)
+    return _matrix_out(ev, m, (hi - lo).astype(np.float64), hi > lo)
 
 
 def _present_over_time(ev: Evaluation, args: list[Any]) -> Value:
     m = _arg_matrix(ev, args[0])
     lo, hi = m.windows()
-    return _matrix_out(m, np.ones(lo.shape), hi > lo)
+    return _matrix_out(ev, m, np.ones(lo.shape), hi > lo)
 
 
 def _last_over_time(ev: Evaluation, args: list[Any]) -> Value:
     m = _arg_matrix(ev, args[0])
     lo, hi = m.windows()
     if len(m.ts) == 0:
-        return _matrix_out(m, np.zeros(lo.shape), hi > lo, keep_name=True)
-    return _matrix_out(m, m.values[np.maximum(hi - 1, 0)], hi > lo, keep_name=True)
+        return _matrix_out(ev, m, np.zeros(lo.shape), hi > lo, keep_name=True)
+    return _matrix_out(ev, m, m.values[np.maximum(hi - 1, 0)], hi > lo, keep_name=True)
 
 
 def _nanless_extreme(*, pick_max: bool) -> Callable[[Any, Floats, int], float]:
@@ -391,7 +410,7 @@ def _math(fn: Callable[[Floats], Floats]) -> Callable[[Evaluation, list[Any]], V
     def handler(ev: Evaluation, args: list[Any]) -> Value:
         vector = ev.eval_vector(args[0])
         with np.errstate(all="ignore"):
-            return _vector_out(vector, fn(vector.values))
+            return _vector_out(ev, vector, fn(vector.values))
 
     return handler
 
@@ -402,7 +421,7 @@ def _round(ev: Evaluation, args: list[Any]) -> Value:
     with np.errstate(all="ignore"):
         inverse = 1.0 / to[None, :]
         values = np.floor(vector.values * inverse + 0.5) / inverse
-    return _vector_out(vector, values)
+    return _vector_out(ev, vector, values)
 
 
 def _clamp(ev: Evaluation, args: list[Any], *, low: bool, high: bool) -> Value:
@@ -420,7 +439,7 @@ def _clamp(ev: Evaluation, args: list[Any], *, low: bool, high: bool) -> Value:
         if hi is not None:
             values = np.where(np.isnan(values), values, np.fmin(values, hi[None, :]))
             values = np.where(np.isnan(hi)[None, :], np.nan, values)
-    return _vector_out(vector, values, present)
+    return _vector_out(ev, vector, values, present)
 
 
 def _time(ev: Evaluation, args: list[Any]) -> Value:
@@ -451,7 +470,7 @@ def _timestamp(ev: Evaluation, args: list[Any]) -> Value:
         values = vector.sample_ts.astype(np.float64) / 1000
     else:
         values = np.broadcast_to(ev.times.astype(np.float64) / 1000, vector.values.shape).copy()
-    return _vector_out(vector, values)
+    return _vector_out(ev, vector, values)
 
 
 def _unwrap(node: Any) -> Any:
@@ -579,7 +598,9 @@ def _label_replace(ev: Evaluation, args: list[Any]) -> Value:
         else:
             out.pop(dst, None)
         labels.append(out)
-    return Vector(labels, vector.values, vector.present, None, unique=False).merged()
+    # With delayed name removal, a name written by the function stays.
+    drop = None if dst == NAME else vector.drop
+    return Vector(labels, vector.values, vector.present, None, unique=False, drop=drop).merged()
 
 
 def _label_join(ev: Evaluation, args: list[Any]) -> Value:
@@ -601,7 +622,9 @@ def _label_join(ev: Evaluation, args: list[Any]) -> Value:
         else:
             out.pop(dst, None)
         labels.append(out)
-    return Vector(labels, vector.values, vector.present, None, unique=False).merged()
+    # With delayed name removal, a name written by the function stays.
+    drop = None if dst == NAME else vector.drop
+    return Vector(labels, vector.values, vector.present, None, unique=False, drop=drop).merged()
 
 
 def _valid_name(name: str) -> bool:
@@ -630,6 +653,8 @@ def _bucket_groups(
             continue
         out = {k: v for k, v in lb.items() if k not in ("le", NAME)}
         key = (*tuple(sorted(out.items())), ("", lb.get(NAME, "")))
+        if ev.engine.delayed_name_removal and NAME in lb:
+            out[NAME] = lb[NAME]
         group = groups.setdefault(key, (out, [], []))
         group[1].append(bound)
         group[2].append(i)
@@ -741,7 +766,8 @@ def _histogram_quantile(ev: Evaluation, args: list[Any]) -> Value:
                         positions.argument_position(ev.query, "histogram_quantile", 1))  # fmt: skip
             values[g, s] = value
             present[g, s] = True
-    return Vector(labels, values, present, None, unique=False).merged()
+    flags = np.ones(len(labels), dtype=bool) if ev.engine.delayed_name_removal else None
+    return Vector(labels, values, present, None, unique=False, drop=flags).merged()
 
 
 def _histogram_fraction(ev: Evaluation, args: list[Any]) -> Value:
@@ -761,7 +787,8 @@ def _histogram_fraction(ev: Evaluation, args: list[Any]) -> Value:
                 float(lower[s]), float(upper[s]), bounds[live], v[live, s]
             )
             present[g, s] = True
-    return Vector(labels, values, present, None, unique=False).merged()
+    flags = np.ones(len(labels), dtype=bool) if ev.engine.delayed_name_removal else None
+    return Vector(labels, values, present, None, unique=False, drop=flags).merged()
 
 
 # -- dates -----------------------------------------------------------------------------------
@@ -802,7 +829,7 @@ def _date(part: str) -> Callable[[Evaluation, list[Any]], Value]:
                 except (OverflowError, ValueError, OSError):
                     cache[x] = math.nan
             values[i, s] = cache[x]
-        return _vector_out(vector, values)
+        return _vector_out(ev, vector, values)
 
     return handler
 

@@ -51,6 +51,7 @@ from lookout.query.promql.promqltest_format import (
     LabelsKey,
     Load,
     Script,
+    StatesetValue,
     labels_key,
     parse_points,
     parse_script,
@@ -116,6 +117,18 @@ NHCB_DATA = SkipRule(
     "the eval reads the native histograms with custom buckets that `load_with_nhcb` builds "
     "from classic `_bucket`/`_count`/`_sum` series (those float series are loaded and tested)",
 )
+START_TIMESTAMPS = SkipRule(
+    "data",
+    "start timestamps (`@st` lines)",
+    "the eval reads a series given start timestamps, a Prometheus feature newer than 3.x's "
+    "stable set; Lookout stores no start timestamps",
+)
+STATESETS = SkipRule(
+    "data",
+    "stateset samples (`ss(...)`)",
+    "the eval reads a native stateset series; the store keeps float samples only",
+)
+_UNSUPPORTED_DATA = {"start_timestamps": START_TIMESTAMPS, "statesets": STATESETS}
 UNPARSEABLE = SkipRule(
     "parser",
     "promql-parser cannot parse",
@@ -126,6 +139,8 @@ SKIP_RULES: tuple[SkipRule, ...] = (
     NATIVE_HISTOGRAM_DATA,
     NATIVE_HISTOGRAM_RESULT,
     NHCB_DATA,
+    START_TIMESTAMPS,
+    STATESETS,
     *(
         SkipRule("function", name, _HISTOGRAM_ONLY)
         for name in (
@@ -185,6 +200,7 @@ class _StoredSeries:
     floats: dict[int, float] = field(default_factory=dict)
     histograms: dict[int, SkipRule] = field(default_factory=dict)
     arrays: _Arrays | None = None
+    unsupported: set[SkipRule] = field(default_factory=set)
 
 
 class MemoryStorage:
@@ -228,6 +244,14 @@ class MemoryStorage:
             self.add(labels, floats, histograms)
             if load.with_nhcb:
                 self._add_nhcb(labels, [t for t, _ in floats])
+        for key, (labels, feature) in load.unsupported.items():
+            rule = _UNSUPPORTED_DATA[feature]
+            if not key:  # a default for every series of the load
+                for other, _ in load.series.values():
+                    self._series[labels_key(other)].unsupported.add(rule)
+                continue
+            stored = self._series.setdefault(key, _StoredSeries(dict(labels)))
+            stored.unsupported.add(rule)
 
     def _add_nhcb(self, labels: Mapping[str, str], times: list[int]) -> None:
         """The native histogram series `load_with_nhcb` derives from a classic one."""
@@ -253,6 +277,7 @@ class MemoryStorage:
             ts, values, hist_ts = self._arrays(stored)
             if np.any((hist_ts >= mint_ms) & (hist_ts <= maxt_ms)):
                 self.histograms_read.update(stored.histograms.values())
+            self.histograms_read.update(stored.unsupported)
             lo = int(np.searchsorted(ts, mint_ms, side="left"))
             hi = int(np.searchsorted(ts, maxt_ms, side="right"))
             if hi > lo:
@@ -287,11 +312,17 @@ EngineFactory = Callable[[Storage], QueryEngine]
 
 
 def default_engine(storage: Storage) -> QueryEngine:
-    """Lookout's engine, configured as Prometheus's test engine is."""
+    """Lookout's engine, configured as Prometheus's test engine is (promqltest's
+    NewTestEngine turns delayed name removal on; the server's default is off, as in
+    Prometheus)."""
     from lookout.query.promql.engine import Engine
 
     return Engine(
-        storage, lookback_ms=LOOKBACK_MS, max_samples=MAX_SAMPLES, timeout_s=QUERY_TIMEOUT_S
+        storage,
+        lookback_ms=LOOKBACK_MS,
+        max_samples=MAX_SAMPLES,
+        timeout_s=QUERY_TIMEOUT_S,
+        delayed_name_removal=True,
     )
 
 
@@ -371,6 +402,8 @@ def static_skip(ev: Eval) -> str | None:
     for expected in ev.expected.values():
         if any(isinstance(p, HistogramValue) for p in expected.points):
             return NATIVE_HISTOGRAM_RESULT.because()
+        if any(isinstance(p, StatesetValue) for p in expected.points):
+            return STATESETS.because()
     try:
         expr = pp.parse(ev.query)
     except BaseException as exc:  # promql-parser's Rust panics arrive as BaseException

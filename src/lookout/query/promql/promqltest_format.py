@@ -34,8 +34,15 @@ class HistogramValue:
     text: str
 
 
+@dataclass(frozen=True)
+class StatesetValue:
+    """An `ss(...)` stateset point: kept only so the eval is skipped with its reason."""
+
+    text: str
+
+
 # One position of an expanded sequence: a float (STALE_NAN for `stale`), None for `_`.
-Point = float | HistogramValue | None
+Point = float | HistogramValue | StatesetValue | None
 LabelsKey = frozenset[tuple[str, str]]
 
 
@@ -49,6 +56,8 @@ class Load:
     interval_ms: int
     with_nhcb: bool
     series: dict[LabelsKey, tuple[dict[str, str], list[Point]]] = field(default_factory=dict)
+    # Series whose samples use a feature outside the supported set: labels and which one.
+    unsupported: dict[LabelsKey, tuple[dict[str, str], str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,6 +296,15 @@ def _skip_blank(text: str, pos: int) -> int:
 
 def parse_series(line: str) -> tuple[dict[str, str], list[Point]]:
     """`metric{label="value", ...} points`: the labels (with `__name__`) and the points."""
+    labels, pos = series_head(line)
+    points = parse_points(line[pos:])
+    if not points:
+        raise ValueError(f"series {line!r} has no points")
+    return labels, points
+
+
+def series_head(line: str) -> tuple[dict[str, str], int]:
+    """The labels of `metric{label="value", ...} ...` and where what follows them starts."""
     labels: dict[str, str] = {}
     pos = 0
     name = _IDENT.match(line)
@@ -297,12 +315,9 @@ def parse_series(line: str) -> tuple[dict[str, str], list[Point]]:
         pos = _read_labels(line, pos + 1, labels)
     elif not name:
         raise ValueError(f'expected a series such as metric{{label="value"}}, got {line!r}')
-    if pos < len(line) and not line[pos].isspace():
+    if pos < len(line) and not line[pos].isspace() and not line.startswith("@st", pos):
         raise ValueError(f"unexpected {line[pos:]!r} after the series labels")
-    points = parse_points(line[pos:])
-    if not points:
-        raise ValueError(f"series {line!r} has no points")
-    return labels, points
+    return labels, pos
 
 
 def _read_labels(line: str, pos: int, labels: dict[str, str]) -> int:
@@ -403,11 +418,26 @@ def _parse_load(lines: list[str], i: int) -> tuple[Load, int]:
         raise _LineError(i, f"invalid load interval: {exc}") from None
     i += 1
     while i < len(lines) and lines[i]:
+        line = lines[i].strip()
         try:
-            labels, points = parse_series(lines[i])
+            if line.startswith("@st"):  # start timestamps for every series of the load
+                load.unsupported[frozenset()] = ({}, "start_timestamps")
+                i += 1
+                continue
+            labels, pos = series_head(line)
+            rest = line[pos:]
+            feature = None
+            if rest.startswith("@st"):  # start timestamps for the next line's samples
+                feature = "start_timestamps"
+            elif rest.strip().startswith("ss("):
+                feature = "statesets"
+            if feature is not None:
+                load.unsupported[labels_key(labels)] = (labels, feature)
+            else:
+                labels, points = parse_series(line)
+                load.series[labels_key(labels)] = (labels, points)
         except ValueError as exc:
             raise _LineError(i, str(exc)) from None
-        load.series[labels_key(labels)] = (labels, points)
         i += 1
     return load, i
 
@@ -467,6 +497,12 @@ def _eval_line(ev: Eval, line: str, position: int) -> tuple[bool, int]:
     if scalar is not None:
         ev.scalar, ev.expect_scalar = scalar, True
         return True, position
+    labels, pos = series_head(line)
+    rest = line[pos:].strip()
+    if rest.startswith("ss("):  # an expected stateset value
+        ev.expected[labels_key(labels)] = ExpectedSeries(labels, [StatesetValue(rest)], position)
+        ev.expect_scalar = False
+        return False, position + 1
     labels, points = parse_series(line)
     if len(points) > 1 and not ev.is_range and not ev.range_vector:
         raise ValueError(

@@ -19,6 +19,9 @@ from lookout.query.promql.model import Floats, Times
 Mask = npt.NDArray[np.bool_]
 Labels = dict[str, str]
 NAME = "__name__"
+# What goes with the metric name when an operation drops it, and what vector matching
+# ignores: the name and Prometheus 3's type and unit labels.
+RESERVED = frozenset({NAME, "__type__", "__unit__"})
 
 
 def label_key(labels: Labels) -> tuple[tuple[str, str], ...]:
@@ -26,9 +29,9 @@ def label_key(labels: Labels) -> tuple[tuple[str, str], ...]:
 
 
 def without_name(labels: Labels) -> Labels:
-    if NAME not in labels:
+    if NAME not in labels and "__type__" not in labels and "__unit__" not in labels:
         return labels
-    return {k: v for k, v in labels.items() if k != NAME}
+    return {k: v for k, v in labels.items() if k not in RESERVED}
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Vector:
     sample_ts: npt.NDArray[np.int64] | None = None
     # True when no two rows can share a label set (saves a merge pass).
     unique: bool = True
+    # With delayed name removal: rows whose `__name__` goes at the end of the query.
+    drop: Mask | None = None
 
     @staticmethod
     def empty(steps: int) -> Vector:
@@ -56,6 +61,7 @@ class Vector:
             self.present[index],
             None if self.sample_ts is None else self.sample_ts[index],
             self.unique,
+            None if self.drop is None else self.drop[index],
         )
 
     def drop_empty(self) -> Vector:
@@ -64,8 +70,15 @@ class Vector:
             return self
         return self.take(keep)
 
-    def relabel(self, labels: list[Labels], unique: bool) -> Vector:
-        return Vector(labels, self.values, self.present, None, unique)
+    def finished(self) -> Vector:
+        """Delayed name removal's last step: flagged rows lose `__name__` now."""
+        if self.drop is None or not self.drop.any():
+            return self
+        labels = [
+            without_name(lb) if flag else lb
+            for lb, flag in zip(self.labels, self.drop, strict=True)
+        ]
+        return Vector(labels, self.values, self.present, None, unique=False).merged()
 
     def merged(self) -> Vector:
         """Rows with the same labels become one; two of them present at the same step is
@@ -82,6 +95,7 @@ class Vector:
         firsts: list[int] = []
         values = self.values.copy()
         present = self.present.copy()
+        drop = None if self.drop is None else self.drop.copy()
         for rows in groups.values():
             first = rows[0]
             if len(rows) > 1:
@@ -94,11 +108,39 @@ class Vector:
                     mask = self.present[other]
                     values[first] = np.where(mask, self.values[other], values[first])
                     present[first] |= mask
+                    if drop is not None:
+                        drop[first] |= drop[other]
             firsts.append(first)
         index = np.asarray(firsts, dtype=np.intp)
         return Vector(
-            [self.labels[i] for i in index], values[index], present[index], None, unique=True
+            [self.labels[i] for i in index],
+            values[index],
+            present[index],
+            None,
+            unique=True,
+            drop=None if drop is None else drop[index],
         )
+
+
+def name_dropped(
+    labels: list[Labels],
+    values: Floats,
+    present: Mask,
+    *,
+    unique: bool,
+    prior: Mask | None,
+    delayed: bool,
+) -> Vector:
+    """The result of an operation that removes `__name__`: at once (Prometheus's default),
+    or, with delayed name removal, flagged for the end of the query, so label_replace and
+    label_join can still read or keep it and `by (__name__)` still sees it."""
+    if delayed:
+        return Vector(labels, values, present, None, unique=unique,
+                      drop=np.ones(len(labels), dtype=bool))  # fmt: skip
+    names = {(lb.get(NAME), lb.get("__type__"), lb.get("__unit__")) for lb in labels}
+    stripped = [without_name(lb) for lb in labels]
+    out = Vector(stripped, values, present, None, unique=unique and len(names) <= 1, drop=prior)
+    return out.merged()
 
 
 @dataclass
@@ -125,6 +167,7 @@ class Matrix:
     times: Times
     range_ms: int
     selector: object = field(default=None, repr=False)  # the parser node, for absent_over_time
+    drop: Mask | None = None  # see Vector.drop (a subquery's rows may carry it)
 
     def __len__(self) -> int:
         return len(self.labels)
