@@ -59,6 +59,13 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     store_memory_limit: int = 1024 * 1024 * 1024  # DuckDB's memory_limit, in bytes
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    # PromQL (server/prom_api.py): queries at once, their longest run, the lookback of an
+    # instant selector, the samples one query may load, and the in-memory sample cache.
+    query_concurrency: int = 4
+    query_timeout: float = 30.0  # seconds
+    query_lookback: float = 300.0  # seconds
+    query_max_samples: int = 5_000_000
+    query_cache_size: int = 512 * 1024 * 1024  # bytes
 
 
 # key -> (environment variable, meaning) for docs/server.md and --print-config.
@@ -121,6 +128,26 @@ KEYS: dict[str, tuple[str, str]] = {
         "LOOKOUT_RETENTION",
         "age and byte caps per signal and for the data directory (see Retention); the "
         "variable takes `max_bytes=10GB,logs.max_age=3d,...`",
+    ),
+    "query_concurrency": (
+        "LOOKOUT_QUERY_CONCURRENCY",
+        "PromQL queries evaluated at once (4); more wait in a queue, within their timeout",
+    ),
+    "query_timeout": (
+        "LOOKOUT_QUERY_TIMEOUT",
+        "longest a PromQL query may queue and run, such as 30s or 2m (30s); over it, 503",
+    ),
+    "query_lookback": (
+        "LOOKOUT_QUERY_LOOKBACK",
+        "how far back an instant selector looks for a series' last sample (5m)",
+    ),
+    "query_max_samples": (
+        "LOOKOUT_QUERY_MAX_SAMPLES",
+        "samples one PromQL query may load (5000000); over it, 422",
+    ),
+    "query_cache_size": (
+        "LOOKOUT_QUERY_CACHE_SIZE",
+        "memory for recent samples grouped by series, which range queries read (512MiB)",
     ),
 }
 SECRET_KEYS = ("scrub_key", "ingest_tokens", "query_tokens", "query_users")
@@ -269,6 +296,32 @@ def _file(key: str, value: Any) -> Path:
     return path
 
 
+def _count(key: str, value: Any) -> int:
+    try:
+        number = int(str(value).replace("_", ""))
+    except ValueError:
+        raise _fail(key, value, "a whole number above 0") from None
+    if number <= 0 or isinstance(value, bool):
+        raise _fail(key, value, "a whole number above 0")
+    return number
+
+
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def _seconds(key: str, value: Any) -> float:
+    """A duration: seconds as a number, or a number with ms, s, m or h (`30s`, `2m`)."""
+    text = str(value).strip().lower()
+    unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+    try:
+        number = float(text[: len(text) - len(unit)]) * _SECONDS.get(unit, 1)
+    except ValueError:
+        raise _fail(key, value, "a duration such as 30s, 2m or 45") from None
+    if not 0 < number < 86400 * 365 or isinstance(value, bool):
+        raise _fail(key, value, "a duration above 0 such as 30s, 2m or 45")
+    return number
+
+
 def _memory(value: Any) -> int:
     size = parse_size("store_memory_limit", value)
     if size < 64 * 1024 * 1024:
@@ -295,6 +348,11 @@ _PARSERS: dict[str, Any] = {
     "limits": parse_limits,
     "store_memory_limit": _memory,
     "retention": parse_retention,
+    "query_concurrency": lambda v: _count("query_concurrency", v),
+    "query_timeout": lambda v: _seconds("query_timeout", v),
+    "query_lookback": lambda v: _seconds("query_lookback", v),
+    "query_max_samples": lambda v: _count("query_max_samples", v),
+    "query_cache_size": lambda v: parse_size("query_cache_size", v),
 }
 
 

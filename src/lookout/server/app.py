@@ -18,6 +18,7 @@ from lookout.ingest.auth import Access, Credentials, access_of
 from lookout.ingest.otlp import is_json
 from lookout.server import api, intake
 from lookout.server.errors import error_response
+from lookout.server.prom_api import PromAPI
 from lookout.server.runtime import ServerRuntime
 from lookout.server.selfobserve import ingest_tracer_provider
 from lookout.store import damages_in, unacknowledged
@@ -200,7 +201,11 @@ def main_app(runtime: ServerRuntime) -> Starlette:
         Route("/api/v1/targets", targets),
         Route("/api/targets", register_targets, methods=["POST"]),
     ]
-    return _app(runtime, [*health, *_otlp_routes(runtime), *sentry, *shipped, *scraping, *read])
+    prometheus = PromAPI(runtime)  # /api/v1/query and the rest: docs/promql.md
+    routes = [*health, *_otlp_routes(runtime), *sentry, *shipped, *scraping, *read]
+    app = _app(runtime, [*routes, *prometheus.routes()])
+    app.state.prometheus = prometheus
+    return app
 
 
 def otlp_app(runtime: ServerRuntime) -> Starlette:

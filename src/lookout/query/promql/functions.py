@@ -577,6 +577,7 @@ def _label_replace(ev: Evaluation, args: list[Any]) -> Value:
     pattern = _arg_string(ev, args[4])
     options = re2.Options()
     options.dot_nl = True
+    options.log_errors = False  # a bad pattern is the user's error, answered as such
     try:
         regex = re2.compile(f"^(?:{pattern})$", options)
     except re2.error:

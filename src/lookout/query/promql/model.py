@@ -52,6 +52,7 @@ class Matcher:
         if self.op in ("=~", "!~"):
             options = re2.Options()
             options.dot_nl = True
+            options.log_errors = False  # a bad pattern is the user's error, answered as such
             try:
                 regex = re2.compile(f"^(?:{self.value})$", options)
             except re2.error as exc:
