@@ -182,7 +182,7 @@ def _range_result(value: Vector | Scalar, times: Times) -> QueryResult:
     series: list[ResultSeries] = []
     if len(value) == 0:
         return QueryResult("matrix", series)
-    all_present = [bool(x) for x in value.present.all(axis=1)]
+    all_present: list[bool] = np.asarray(value.present.all(axis=1)).tolist()
     for i in np.flatnonzero(value.present.any(axis=1)).tolist():
         if all_present[i]:
             series.append(ResultSeries(value.labels[i], times, value.values[i]))
