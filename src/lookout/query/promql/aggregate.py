@@ -111,7 +111,10 @@ def evaluate(ev: Evaluation, node: Any) -> Value:
             raise PromQLError("count_values needs a string label name", "bad_data")
         ev.check_label_name(param.text, "label name in count_values")
         return _count_values(vector, param.text, without, names, steps)
-    if op in ("topk", "bottomk", "limitk"):
+    if op in ("limitk", "limit_ratio"):
+        raise PromQLError(f"{op} is experimental in Prometheus and not supported by Lookout",
+                          "bad_data")  # fmt: skip
+    if op in ("topk", "bottomk"):
         if not isinstance(param, Scalar):
             raise PromQLError(f"{op} needs a scalar parameter", "bad_data")
         return _topk(vector, param.values, top=op == "topk", without=without, names=names)
