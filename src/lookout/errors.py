@@ -6,6 +6,8 @@ and every exception keeps its data as attributes so callers never parse messages
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class LookoutError(Exception):
     """Base class of every error Lookout raises on purpose."""
@@ -58,7 +60,12 @@ class PromQLError(QueryError):
     """A PromQL query failed; `error_type` is the Prometheus API's errorType for it
     (`bad_data` 400, `execution` 422, `timeout` 503, `unavailable` 503)."""
 
-    STATUS = {"bad_data": 400, "execution": 422, "timeout": 503, "unavailable": 503}
+    STATUS: ClassVar[dict[str, int]] = {
+        "bad_data": 400,
+        "execution": 422,
+        "timeout": 503,
+        "unavailable": 503,
+    }
 
     def __init__(self, message: str, error_type: str = "bad_data") -> None:
         self.error_type = error_type

@@ -301,10 +301,25 @@ class Database:
         cursor.execute("SET enable_progress_bar = false")
         return cursor
 
+    def checkpoint(self, *, attempts: int = 40, pause_s: float = 0.05) -> bool:
+        """CHECKPOINT, retried while readers hold transactions open: DuckDB refuses to
+        checkpoint then ("there are other write transactions active"), and PromQL and the
+        read API read all the time. False when it never got through; the WAL stays valid and
+        the next checkpoint (or DuckDB's own, at the WAL size limit) takes it."""
+        for attempt in range(attempts):
+            try:
+                self.connection.execute("CHECKPOINT")
+            except duckdb.TransactionException:
+                if attempt + 1 < attempts:
+                    time.sleep(pause_s)
+            else:
+                return True
+        return False
+
     def close(self) -> None:
         with self.lock:
             try:
-                self.connection.execute("CHECKPOINT")
+                self.checkpoint()
             finally:
                 self.connection.close()
                 self.commits.mark.close()

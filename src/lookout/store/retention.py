@@ -368,4 +368,4 @@ class Retention:
         return int(row[0]) if row else 0
 
     def _checkpoint(self) -> None:
-        self.database.connection.execute("CHECKPOINT")
+        self.database.checkpoint()

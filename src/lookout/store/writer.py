@@ -255,7 +255,7 @@ class Writer:
                     for day in sorted(days)
                 )
                 database.commits.prune(database.connection)
-                database.connection.execute("CHECKPOINT")
+                database.checkpoint()
             return moved
 
         return self.run_job(flush)
@@ -268,7 +268,7 @@ class Writer:
             database = self.database
             with database.lock:
                 fresh = recovery.snapshot_series(database.connection, database.data_dir, now_ns)
-                database.connection.execute("CHECKPOINT")
+                database.checkpoint()
             return fresh
 
         return self.run_job(checkpoint)
