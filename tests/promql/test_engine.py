@@ -181,3 +181,35 @@ def test_bad_queries_are_bad_data(query: str, error_type: str) -> None:
 def test_a_range_query_of_a_string_is_refused() -> None:
     with pytest.raises(PromQLError, match="invalid expression type"):
         Engine(MemoryStorage()).range('"text"', 0, 60_000, 15_000)
+
+
+bound = st.sampled_from([-1.0, -0.5, 0.0, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, math.inf])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    bounds=st.lists(bound, min_size=1, max_size=8),
+    columns=st.lists(
+        st.tuples(
+            st.one_of(st.sampled_from([math.nan, -0.5, 0.0, 1.0, 1.5]), st.floats(0, 1)),
+            st.lists(st.floats(0, 100, allow_nan=False), min_size=8, max_size=8),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_the_all_steps_quantile_is_the_one_step_quantile(
+    bounds: list[float], columns: list[tuple[float, list[float]]]
+) -> None:
+    """histogram_quantile's vectorized path answers bit for bit what the per-step one does,
+    for unsorted, duplicate, non-monotonic and +Inf-less buckets and any quantile."""
+    from lookout.query.promql.functions import bucket_quantile, bucket_quantiles
+
+    edges = np.array(bounds)
+    q = np.array([c[0] for c in columns])
+    counts = np.array([c[1][: len(bounds)] for c in columns]).T
+    values, forced = bucket_quantiles(q, edges, counts)
+    for s in range(len(columns)):
+        one, one_forced = bucket_quantile(float(q[s]), edges, counts[:, s])
+        assert (math.isnan(one) and math.isnan(values[s])) or one == values[s], (s, one, values[s])
+        assert one_forced == bool(forced[s])

@@ -663,10 +663,15 @@ def _bucket_groups(
     return labels, [(np.asarray(g[1]), g[2]) for g in groups.values()]
 
 
+def _has_duplicates(sorted_bounds: Floats) -> bool:
+    """Two equal upper bounds (`le="1"` and `le="1.0"`), infinities included."""
+    return bool((sorted_bounds[1:] == sorted_bounds[:-1]).any())
+
+
 def _coalesce(bounds: Floats, counts: Floats) -> tuple[Floats, Floats]:
     order = np.argsort(bounds, kind="stable")
     bounds, counts = bounds[order], counts[order]
-    if len(bounds) > 1 and (np.diff(bounds) == 0).any():
+    if len(bounds) > 1 and _has_duplicates(bounds):
         unique, index = np.unique(bounds, return_inverse=True)
         summed = np.zeros(len(unique))
         np.add.at(summed, index, counts)
@@ -707,6 +712,50 @@ def bucket_quantile(q: float, bounds: Floats, counts: Floats) -> tuple[float, bo
         count -= float(counts[b - 1])
         rank -= float(counts[b - 1])
     return start + (end - start) * (rank / count), forced
+
+
+def bucket_quantiles(q: Floats, bounds: Floats, counts: Floats) -> tuple[Floats, Any]:
+    """bucket_quantile() for many steps at once: `counts` has a row per bucket (matching
+    `bounds`) and a column per step, none missing or NaN. The same operations in the same
+    order, so each column's answer is bit for bit the one bucket_quantile() gives."""
+    steps = counts.shape[1]
+    values = np.full(steps, np.nan)
+    forced = np.zeros(steps, dtype=bool)
+    order = np.argsort(bounds, kind="stable")
+    bounds, counts = bounds[order], counts[order]
+    if len(bounds) > 1 and _has_duplicates(bounds):
+        unique, index = np.unique(bounds, return_inverse=True)
+        summed = np.zeros((len(unique), steps))
+        np.add.at(summed, index, counts)
+        bounds, counts = unique, summed
+    if len(bounds) and math.isinf(bounds[-1]) and bounds[-1] > 0:
+        fixed = np.maximum.accumulate(counts, axis=0)
+        forced = (fixed != counts).any(axis=0)
+        if len(bounds) >= 2:
+            with np.errstate(all="ignore"):
+                values = _interpolate(q, bounds, fixed)
+    # What bucket_quantile() answers before it looks at the buckets.
+    values = np.where(np.isnan(q), np.nan, np.where(q < 0, -np.inf, np.where(q > 1, np.inf, values)))
+    forced &= ~(np.isnan(q) | (q < 0) | (q > 1))
+    return values, forced
+
+
+def _interpolate(q: Floats, bounds: Floats, counts: Floats) -> Floats:
+    nb = len(bounds)
+    columns = np.arange(counts.shape[1])
+    observations = counts[-1]
+    rank = q * observations
+    reached = counts >= rank[None, :]
+    b = np.where(reached.any(axis=0), reached.argmax(axis=0), nb - 1)
+    before = np.maximum(b - 1, 0)
+    start = np.where(b > 0, bounds[before], 0.0)
+    end = bounds[b]
+    below = np.where(b > 0, counts[before, columns], 0.0)
+    count = counts[b, columns] - below
+    values = start + (end - start) * ((rank - below) / count)
+    values = np.where(b == nb - 1, bounds[-2], values)
+    values = np.where((b == 0) & (bounds[0] <= 0), bounds[0], values)
+    return np.where((observations == 0) | np.isnan(observations), np.nan, values)
 
 
 def bucket_fraction(lower: float, upper: float, bounds: Floats, counts: Floats) -> float:
@@ -755,18 +804,23 @@ def _histogram_quantile(ev: Evaluation, args: list[Any]) -> Value:
     values = np.full((len(groups), steps), np.nan)
     present = np.zeros((len(groups), steps), dtype=bool)
     for g, (bounds, rows) in enumerate(groups):
+        ev.check()
         p = vector.present[rows]
         v = vector.values[rows]
-        for s in np.flatnonzero(p.any(axis=0)):
+        present[g] = p.any(axis=0)
+        # Steps where every bucket is there (the usual case) go all at once.
+        whole = p.all(axis=0) & ~np.isnan(v).any(axis=0)
+        forced = np.zeros(steps, dtype=bool)
+        if whole.any():
+            values[g, whole], forced[whole] = bucket_quantiles(phi[whole], bounds, v[:, whole])
+        for s in np.flatnonzero(present[g] & ~whole):
             live = p[:, s]
-            value, forced = bucket_quantile(float(phi[s]), bounds[live], v[live, s])
-            if forced:
-                name = vector.labels[rows[0]].get(NAME, "")
-                ev.info(f"input to histogram_quantile needed to be fixed for monotonicity "
-                        f"(see {_QUANTILE_DOCS}) for metric name \"{name}\"",
-                        positions.argument_position(ev.query, "histogram_quantile", 1))  # fmt: skip
-            values[g, s] = value
-            present[g, s] = True
+            values[g, s], forced[s] = bucket_quantile(float(phi[s]), bounds[live], v[live, s])
+        if forced.any():
+            name = vector.labels[rows[0]].get(NAME, "")
+            ev.info(f"input to histogram_quantile needed to be fixed for monotonicity "
+                    f"(see {_QUANTILE_DOCS}) for metric name \"{name}\"",
+                    positions.argument_position(ev.query, "histogram_quantile", 1))  # fmt: skip
     flags = np.ones(len(labels), dtype=bool) if ev.engine.delayed_name_removal else None
     return Vector(labels, values, present, None, unique=False, drop=flags).merged()
 

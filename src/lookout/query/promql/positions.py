@@ -9,6 +9,7 @@ raw text tells them apart, and Prometheus refuses invalid UTF-8 in a label name.
 
 from __future__ import annotations
 
+import functools
 import re
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', re.DOTALL)
@@ -34,6 +35,7 @@ def _call(name: str) -> str:
     return rf"(?<![\w:]){re.escape(name)}\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\("
 
 
+@functools.lru_cache(maxsize=256)
 def call_position(query: str, name: str, index: int = 0) -> str:
     """`(line:col)` of the index-th call of `name(`, or "" when not found."""
     text = _blank_strings(query)
@@ -43,6 +45,7 @@ def call_position(query: str, name: str, index: int = 0) -> str:
     return _line_col(query, found[index])
 
 
+@functools.lru_cache(maxsize=256)
 def argument_position(query: str, name: str, argument: int, index: int = 0) -> str:
     """`(line:col)` of the start of argument number `argument` (from 0) of the index-th call
     of `name(`, or "" when not found."""
