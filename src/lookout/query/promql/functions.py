@@ -735,7 +735,9 @@ def bucket_quantiles(q: Floats, bounds: Floats, counts: Floats) -> tuple[Floats,
             with np.errstate(all="ignore"):
                 values = _interpolate(q, bounds, fixed)
     # What bucket_quantile() answers before it looks at the buckets.
-    values = np.where(np.isnan(q), np.nan, np.where(q < 0, -np.inf, np.where(q > 1, np.inf, values)))
+    values = np.where(q > 1, np.inf, values)
+    values = np.where(q < 0, -np.inf, values)
+    values = np.where(np.isnan(q), np.nan, values)
     forced &= ~(np.isnan(q) | (q < 0) | (q > 1))
     return values, forced
 
