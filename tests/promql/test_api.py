@@ -352,13 +352,14 @@ def test_a_query_over_the_sample_limit_is_execution_422(tmp_path: Path) -> None:
 
 
 class Gate:
-    """Holds every select() until released, counting those that entered."""
+    """Holds every select_flat() (what the engine calls) until released, counting those that
+    entered."""
 
     def __init__(self) -> None:
         self.entered = 0
         self.release = threading.Event()
         self.lock = threading.Lock()
-        self.original = StoreStorage.select
+        self.original = StoreStorage.select_flat
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         gate = self
@@ -369,7 +370,7 @@ class Gate:
             gate.release.wait(20)
             return gate.original(storage, *args)
 
-        monkeypatch.setattr(StoreStorage, "select", select)
+        monkeypatch.setattr(StoreStorage, "select_flat", select)
 
 
 def _in_thread(work: Any) -> tuple[threading.Thread, list[Any]]:

@@ -19,6 +19,7 @@ are found with two `np.searchsorted` calls for all series at once; the timestamp
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,7 +215,21 @@ def merge(blocks: list[Block]) -> Block:
 
 def gather(blocks: list[Block], want: Ids, mint: int, maxt: int) -> dict[int, tuple[Times, Floats]]:
     """The samples in [mint, maxt] of each wanted series (sorted ids), from blocks ordered
-    by time: {index in want: (ts, values)}, as slices of two arrays made for this call.
+    by time: {index in want: (ts, values)}, as slices of two arrays made for this call."""
+    owners, edges, ts, values = gather_flat(blocks, want, mint, maxt)
+    return {
+        index: (ts[a:b], values[a:b])
+        for index, a, b in zip(
+            owners.tolist(), edges[:-1].tolist(), edges[1:].tolist(), strict=True
+        )
+    }
+
+
+def gather_flat(
+    blocks: list[Block], want: Ids, mint: int, maxt: int
+) -> tuple[Ints, Ints, Times, Floats]:
+    """gather()'s answer as flat arrays: the indexes in `want` of the series found
+    (ascending), row offsets (one more than series), and all samples, series after series.
 
     Each series' pieces (one per block) are copied in one np.concatenate over all of them,
     in (series, block) order, so the work per series is a slice, not an array operation. A
@@ -226,7 +241,8 @@ def gather(blocks: list[Block], want: Ids, mint: int, maxt: int) -> dict[int, tu
         if len(wanted):
             found.append((position, wanted, low, size, delta))
     if not found:
-        return {}
+        empty = np.empty(0, dtype=np.int64)
+        return empty, np.zeros(1, dtype=np.int64), empty, np.empty(0)
     series = np.concatenate([f[1] for f in found])
     number = np.concatenate([np.full(len(f[1]), f[0], np.int64) for f in found])
     lo = np.concatenate([f[2] for f in found])
@@ -249,33 +265,33 @@ def gather(blocks: list[Block], want: Ids, mint: int, maxt: int) -> dict[int, tu
     ts = np.concatenate(pieces_ts) + np.repeat(shift, count)
     out_values = np.concatenate(pieces_values)
     first = np.flatnonzero(np.concatenate(([True], series[1:] != series[:-1])))
-    owners = series[first]
-    bounds = np.append(np.concatenate(([0], np.cumsum(count)))[first], len(ts))
+    owners = series[first].astype(np.int64)
+    bounds = np.append(np.concatenate(([0], np.cumsum(count)))[first], len(ts)).astype(np.int64)
     if len(found) > 1:
         rising = ts[1:] > ts[:-1]
         starts_of_series = np.zeros(len(ts), bool)
         starts_of_series[bounds[:-1]] = True
         if not bool(np.all(rising | starts_of_series[1:])):
             return _merged(owners, bounds, ts, out_values)
-    edges = bounds.tolist()
-    return {
-        index: (ts[a:b], out_values[a:b])
-        for index, a, b in zip(owners.tolist(), edges[:-1], edges[1:], strict=True)
-    }
+    return owners, bounds, ts, out_values
 
 
 def _merged(
     owners: Ints, bounds: Ints, ts: Times, values: Floats
-) -> dict[int, tuple[Times, Floats]]:
-    """gather()'s rare path: some series' pieces overlap; sort each of those by time."""
-    out: dict[int, tuple[Times, Floats]] = {}
+) -> tuple[Ints, Ints, Times, Floats]:
+    """gather_flat()'s rare path: some series' pieces overlap; sort each of those by time."""
     edges = bounds.tolist()
-    for index, a, b in zip(owners.tolist(), edges[:-1], edges[1:], strict=True):
+    pieces_ts, pieces_values, lengths = [], [], []
+    for a, b in itertools.pairwise(edges):
         piece_ts, piece_values = ts[a:b], values[a:b]
         if len(piece_ts) > 1 and not bool(np.all(piece_ts[1:] > piece_ts[:-1])):
             order = np.argsort(piece_ts, kind="stable")  # earlier blocks first among equals
             piece_ts, piece_values = piece_ts[order], piece_values[order]
             keep = np.concatenate(([True], piece_ts[1:] != piece_ts[:-1]))
             piece_ts, piece_values = piece_ts[keep], piece_values[keep]
-        out[index] = (piece_ts, piece_values)
-    return out
+        pieces_ts.append(piece_ts)
+        pieces_values.append(piece_values)
+        lengths.append(len(piece_ts))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return owners, offsets, np.concatenate(pieces_ts), np.concatenate(pieces_values)

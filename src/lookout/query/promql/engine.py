@@ -20,6 +20,7 @@ import promql_parser as pp
 from lookout.errors import PromQLError
 from lookout.query.promql import aggregate, binary, functions, positions
 from lookout.query.promql.model import (
+    FlatSeries,
     Matcher,
     QueryResult,
     ResultSeries,
@@ -332,44 +333,44 @@ class Evaluation:
         offset = duration_ms(node.offset)
         return times - offset if offset else times
 
-    def _load(self, node: Any, times: Times, window_ms: int) -> tuple[list[Any], int]:
+    def _load(self, node: Any, times: Times, window_ms: int, *, drop_stale: bool) -> Matrix:
+        """The selector's series over the windows ending at `times`, as a Matrix."""
         matchers = self.matchers(node)
         mint = int(times.min()) - window_ms + 1
         maxt = int(times.max())
-        series = self.engine.storage.select(matchers, mint, maxt)
-        self.count(sum(len(s.ts) for s in series))
+        storage = self.engine.storage
+        select_flat = getattr(storage, "select_flat", None)
+        if select_flat is not None:
+            flat: FlatSeries = select_flat(matchers, mint, maxt)
+        else:
+            flat = _flatten(storage.select(matchers, mint, maxt))
+        self.count(len(flat.ts))
         self.check()
-        return series, mint
+        return _matrix(flat, times, window_ms, drop_stale=drop_stale)
 
     def select(self, node: Any) -> Vector:
         times = self.at_times(node)
         lookback = self.engine.lookback_ms
-        series, _ = self._load(node, times, lookback)
+        matrix = self._load(node, times, lookback, drop_stale=False)
         steps = self.steps
-        if not series:
+        if len(matrix) == 0 or len(matrix.ts) == 0:
             return Vector.empty(steps)
-        labels = [s.labels for s in series]
-        matrix = _concat(labels, series, times, lookback, drop_stale=False)
         _, hi = matrix.windows()
         idx = hi - 1
         starts = matrix.offsets[:-1][:, None]
         present = idx >= starts
         idx = np.where(present, idx, 0)
-        if len(matrix.ts) == 0:
-            return Vector.empty(steps)
         sample_ts = matrix.ts[idx]
         values = matrix.values[idx]
         present &= sample_ts > (times - lookback)[None, :]
         present &= ~stale_mask(values)
-        return Vector(labels, values, present, sample_ts, unique=True)
+        return Vector(matrix.labels, values, present, sample_ts, unique=True)
 
     def matrix(self, node: Any) -> Matrix:
         selector = node.vector_selector
         range_ms = duration_ms(node.range)
         times = self.at_times(selector)
-        series, _ = self._load(selector, times, range_ms)
-        labels = [s.labels for s in series]
-        matrix = _concat(labels, series, times, range_ms, drop_stale=True)
+        matrix = self._load(selector, times, range_ms, drop_stale=True)
         matrix.selector = selector
         return matrix
 
@@ -414,31 +415,31 @@ class Evaluation:
         return Matrix(value.labels, ts, values, offsets_array, times, range_ms, drop=value.drop)
 
 
-def _concat(
-    labels: list[dict[str, str]],
-    series: list[Any],
-    times: Times,
-    range_ms: int,
-    *,
-    drop_stale: bool,
-) -> Matrix:
-    """All series' samples in two flat arrays; for a range, without staleness markers."""
+def _flatten(series: list[Any]) -> FlatSeries:
+    """A storage's list of SeriesData as one FlatSeries (one copy of every sample)."""
     lengths = np.fromiter((len(s.ts) for s in series), dtype=np.intp, count=len(series))
-    if len(series):
-        ts_all = np.concatenate([s.ts for s in series]).astype(np.int64, copy=False)
-        values_all = np.concatenate([s.values for s in series]).astype(np.float64, copy=False)
-    else:
-        ts_all, values_all = np.empty(0, dtype=np.int64), np.empty(0)
-    if drop_stale and len(values_all):
-        stale = stale_mask(values_all)
-        if stale.any():
-            keep = ~stale
-            rows = np.repeat(np.arange(len(series)), lengths)
-            lengths = np.bincount(rows[keep], minlength=len(series)).astype(np.intp)
-            ts_all, values_all = ts_all[keep], values_all[keep]
     offsets = np.zeros(len(series) + 1, dtype=np.intp)
     np.cumsum(lengths, out=offsets[1:])
-    return Matrix(labels, ts_all, values_all, offsets, times, range_ms)
+    if not series:
+        return FlatSeries([], np.empty(0, dtype=np.int64), np.empty(0), offsets)
+    ts = np.concatenate([s.ts for s in series]).astype(np.int64, copy=False)
+    values = np.concatenate([s.values for s in series]).astype(np.float64, copy=False)
+    return FlatSeries([s.labels for s in series], ts, values, offsets)
+
+
+def _matrix(flat: FlatSeries, times: Times, range_ms: int, *, drop_stale: bool) -> Matrix:
+    """A Matrix over flat series; for a range, without staleness markers."""
+    ts, values, offsets = flat.ts, flat.values, flat.offsets
+    if drop_stale and len(values):
+        stale = stale_mask(values)
+        if stale.any():
+            keep = ~stale
+            rows = np.repeat(np.arange(len(flat.labels)), np.diff(offsets))
+            lengths = np.bincount(rows[keep], minlength=len(flat.labels))
+            offsets = np.zeros(len(flat.labels) + 1, dtype=np.intp)
+            np.cumsum(lengths, out=offsets[1:])
+            ts, values = ts[keep], values[keep]
+    return Matrix(flat.labels, ts, values, offsets, times, range_ms)
 
 
 def go_float(value: float) -> str:

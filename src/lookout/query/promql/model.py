@@ -86,6 +86,18 @@ class SeriesData:
     values: Floats
 
 
+@dataclass
+class FlatSeries:
+    """Series data as flat arrays: row i has labels[i] and samples offsets[i]:offsets[i+1]
+    of `ts` and `values` (each row ascending in time). What a storage that holds samples
+    this way can hand the engine without a copy per series (see Storage.select_flat)."""
+
+    labels: list[dict[str, str]]
+    ts: Times
+    values: Floats
+    offsets: npt.NDArray[np.intp]
+
+
 class Storage(Protocol):
     """Where the engine reads series from."""
 

@@ -25,7 +25,7 @@ from lookout.query.promql.cache import (
     SampleCache,
     SeriesIndex,
 )
-from lookout.query.promql.model import Matcher, SeriesData
+from lookout.query.promql.model import FlatSeries, Matcher, SeriesData
 from lookout.store.db import Database
 
 __all__ = ["MAX_TIME_MS", "MIN_TIME_MS", "SampleCache", "SeriesIndex", "StoreStorage"]
@@ -74,18 +74,33 @@ class StoreStorage:
                 self.cursor.execute("ROLLBACK")
 
     def select(self, matchers: list[Matcher], mint_ms: int, maxt_ms: int) -> list[SeriesData]:
+        flat = self.select_flat(matchers, mint_ms, maxt_ms)
+        edges = flat.offsets.tolist()
+        return [
+            SeriesData(dict(labels), flat.ts[a:b], flat.values[a:b])
+            for labels, a, b in zip(flat.labels, edges[:-1], edges[1:], strict=True)
+        ]
+
+    def select_flat(self, matchers: list[Matcher], mint_ms: int, maxt_ms: int) -> FlatSeries:
+        """select() as flat arrays, for the engine: no array or dict per series. The label
+        dicts are the index's own; the engine never changes a label dict in place."""
         layout = self._snapshot()
         try:
             ids = layout.index.match(matchers)
-            if not ids:
-                return []
             want = np.array(sorted(ids), dtype=np.uint64)
-            found = self.cache.blocks_for(self.cursor, layout, mint_ms, maxt_ms, want)
+            found = (
+                self.cache.blocks_for(self.cursor, layout, mint_ms, maxt_ms, want) if ids else []
+            )
         finally:
             self._end()
-        got = blocks.gather(found, want, mint_ms, maxt_ms)
+        owners, offsets, ts, values = blocks.gather_flat(found, want, mint_ms, maxt_ms)
         labels = layout.index.labels
-        return [SeriesData(dict(labels[int(want[i])]), got[i][0], got[i][1]) for i in sorted(got)]
+        return FlatSeries(
+            [labels[int(sid)] for sid in want[owners].tolist()],
+            ts,
+            values,
+            offsets.astype(np.intp, copy=False),
+        )
 
     # -- the lookups of the Prometheus API ---------------------------------------------------
     def series(self, matcher_sets: list[list[Matcher]], start_ms: int, end_ms: int) -> list[Labels]:
