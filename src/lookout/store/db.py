@@ -301,11 +301,12 @@ class Database:
         cursor.execute("SET enable_progress_bar = false")
         return cursor
 
-    def checkpoint(self, *, attempts: int = 40, pause_s: float = 0.05) -> bool:
-        """CHECKPOINT, retried while readers hold transactions open: DuckDB refuses to
-        checkpoint then ("there are other write transactions active"), and PromQL and the
-        read API read all the time. False when it never got through; the WAL stays valid and
-        the next checkpoint (or DuckDB's own, at the WAL size limit) takes it."""
+    def checkpoint(self, *, attempts: int = 3, pause_s: float = 0.01) -> bool:
+        """CHECKPOINT, retried briefly when DuckDB refuses it because another connection's
+        statement is running ("there are other write transactions active"; PromQL and the
+        read API read all the time). It runs on the writer thread, so it never waits long:
+        False when it did not get through; the WAL stays valid and the next checkpoint (or
+        DuckDB's own, at the WAL size limit) takes it."""
         for attempt in range(attempts):
             try:
                 self.connection.execute("CHECKPOINT")
