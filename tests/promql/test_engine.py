@@ -81,8 +81,15 @@ def test_a_range_query_is_its_instant_queries_side_by_side(
     data: list[list[float | None]], query: str, start: int, step: int, steps: int
 ) -> None:
     """The vectorized range evaluation (shared windows, prefix sums, per-step matching)
-    gives what evaluating each step alone gives."""
-    _check_range_is_instants(data, query, start, step, steps)
+    gives what evaluating each step alone gives, with windows searched both ways (row by
+    row, and all rows in one array)."""
+    saved = values_module.ROW_SEARCH_MIN_SAMPLES
+    try:
+        for threshold in (0, 10**9):
+            values_module.ROW_SEARCH_MIN_SAMPLES = threshold
+            _check_range_is_instants(data, query, start, step, steps)
+    finally:
+        values_module.ROW_SEARCH_MIN_SAMPLES = saved
 
 
 def _check_range_is_instants(

@@ -22,6 +22,8 @@ NAME = "__name__"
 # What goes with the metric name when an operation drops it, and what vector matching
 # ignores: the name and Prometheus 3's type and unit labels.
 RESERVED = frozenset({NAME, "__type__", "__unit__"})
+# Matrix.windows() searches row by row when rows hold this many samples on average.
+ROW_SEARCH_MIN_SAMPLES = 32
 
 
 def label_key(labels: Labels) -> tuple[tuple[str, str], ...]:
@@ -173,23 +175,17 @@ class Matrix:
         return len(self.labels)
 
     def windows(self) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-        """Per row and step, the global index range [lo, hi) of the samples in the window,
-        found for every row at once: each row's times are shifted into a band of its own
-        so that one sorted array serves one searchsorted call."""
-        rows = len(self.labels)
+        """Per row and step, the global index range [lo, hi) of the samples in the window.
+
+        Rows with many samples are searched one by one (a binary search in a short, cached
+        array); many rows of few samples are shifted each into a band of its own so that one
+        sorted array serves one searchsorted call for all. With regular steps and a range
+        that is a whole number of them, a window starts where the window `lag` steps
+        earlier ended, which halves the searching."""
+        rows, steps = len(self.labels), len(self.times)
         if rows == 0:
-            shape = (0, len(self.times))
+            shape = (0, steps)
             return np.empty(shape, dtype=np.intp), np.empty(shape, dtype=np.intp)
-        base = int(self.times.min()) - self.range_ms
-        if len(self.ts):
-            base = min(base, int(self.ts.min()))
-        span = max(int(self.ts.max()) if len(self.ts) else 0, int(self.times.max())) - base + 2
-        row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(self.offsets))
-        keys = (self.ts - base) + row_of * span
-        bands = (np.arange(rows, dtype=np.int64) * span)[:, None]
-        ends = (self.times - base)[None, :] + bands
-        hi = np.searchsorted(keys, ends, side="right")
-        steps = len(self.times)
         interval = int(self.times[1] - self.times[0]) if steps > 1 else 0
         lag = self.range_ms // interval if interval > 0 else 0
         regular = (
@@ -197,14 +193,46 @@ class Matrix:
             and self.range_ms % interval == 0
             and bool((np.diff(self.times) == interval).all())
         )
+        starts = self.times - self.range_ms
+        searched = starts[:lag] if regular else starts
+        if len(self.ts) >= ROW_SEARCH_MIN_SAMPLES * rows:
+            hi, lo_part = self._search_rows(searched)
+        else:
+            hi, lo_part = self._search_bands(searched)
         if regular:
-            # A window starts where the window `lag` steps earlier ended: half the searching.
             lo = np.empty_like(hi)
             lo[:, lag:] = hi[:, :-lag]
-            lo[:, :lag] = np.searchsorted(keys, ends[:, :lag] - self.range_ms, side="right")
+            lo[:, :lag] = lo_part
         else:
-            lo = np.searchsorted(keys, ends - self.range_ms, side="right")
+            lo = lo_part
         return lo, hi
+
+    def _search_rows(self, starts: Times) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        rows = len(self.labels)
+        hi = np.empty((rows, len(self.times)), dtype=np.intp)
+        lo = np.empty((rows, len(starts)), dtype=np.intp)
+        edges = self.offsets.tolist()
+        for r in range(rows):
+            row = self.ts[edges[r] : edges[r + 1]]
+            hi[r] = row.searchsorted(self.times, side="right")
+            lo[r] = row.searchsorted(starts, side="right")
+        first = self.offsets[:-1, None]
+        hi += first
+        lo += first
+        return hi, lo
+
+    def _search_bands(self, starts: Times) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        rows = len(self.labels)
+        base = int(min(self.times.min(), starts.min()) if len(starts) else self.times.min())
+        if len(self.ts):
+            base = min(base, int(self.ts.min()))
+        span = max(int(self.ts.max()) if len(self.ts) else 0, int(self.times.max())) - base + 2
+        row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(self.offsets))
+        keys = (self.ts - base) + row_of * span
+        bands = (np.arange(rows, dtype=np.int64) * span)[:, None]
+        hi = np.searchsorted(keys, (self.times - base)[None, :] + bands, side="right")
+        lo = np.searchsorted(keys, (starts - base)[None, :] + bands, side="right")
+        return hi, lo
 
     def row(self, i: int) -> tuple[Times, Floats]:
         a, b = self.offsets[i], self.offsets[i + 1]
