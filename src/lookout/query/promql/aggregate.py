@@ -51,16 +51,23 @@ def _group_labels(labels: Labels, without: bool, names: list[str]) -> Labels:
 def _groups(
     vector: Vector, without: bool, names: list[str]
 ) -> tuple[list[Labels], list[list[int]]]:
-    found: dict[tuple[tuple[str, str], ...], int] = {}
+    """The output labels of each group and the rows in it, in order of first appearance.
+    With `by`, the key is the listed labels' values (an absent label and an empty one are
+    the same): no dict per row until a group is new."""
+    found: dict[Any, int] = {}
     out_labels: list[Labels] = []
     rows: list[list[int]] = []
+    wanted = list(dict.fromkeys(names))
     for i, labels in enumerate(vector.labels):
-        group = _group_labels(labels, without, names)
-        key = tuple(sorted(group.items()))
+        if without:
+            group = _group_labels(labels, without, names)
+            key: Any = tuple(sorted(group.items()))
+        else:
+            key = tuple(labels.get(n, "") for n in wanted)
         index = found.get(key)
         if index is None:
             index = found[key] = len(out_labels)
-            out_labels.append(group)
+            out_labels.append(group if without else _group_labels(labels, without, names))
             rows.append([])
         rows[index].append(i)
     return out_labels, rows

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import promql_parser as pp
 import re2
 
@@ -110,35 +111,34 @@ def _endpoints(m: Matrix) -> dict[str, Any]:
     }
 
 
-def _lost_at_resets(m: Matrix) -> Floats:
-    """Per sample, what a counter reset there lost (the value before it), else 0."""
+def _resets(m: Matrix) -> tuple[npt.NDArray[np.intp], Floats]:
+    """Where counter resets are (the index of the sample after the drop, within a series)
+    and what each lost (the value before it)."""
     values = m.values
-    lost = np.zeros(len(values))
-    if len(values) > 1:
-        drop = values[1:] < values[:-1]
-        inner = m.offsets[1:-1]
-        drop[inner[(inner > 0) & (inner < len(values))] - 1] = False  # not across series
-        lost[1:] = np.where(drop, values[:-1], 0.0)
-    return lost
+    if len(values) < 2:
+        return np.empty(0, dtype=np.intp), np.empty(0)
+    at = np.flatnonzero(values[1:] < values[:-1]) + 1
+    if len(at):
+        at = at[~np.isin(at, m.offsets)]  # a new series starting lower is no reset
+    return at, values[at - 1]
 
 
 def _add_resets(ev: Evaluation, m: Matrix, result: Floats, lo: Any, hi: Any) -> None:
     """Adds each window's counter-reset corrections to `result`, in sample order as
     Prometheus does, so a window without resets is untouched and one with a single reset
     gets exactly `last - first + lost` (running sums would leave rounding residue)."""
-    lost = _lost_at_resets(m)
-    resets = np.flatnonzero(lost)
+    resets, lost = _resets(m)
     if len(resets) == 0:
         return
     first = np.searchsorted(resets, lo, side="right")  # resets in (lo, hi - 1]
     count = np.searchsorted(resets, hi - 1, side="right") - first
     count[hi - lo < 2] = 0
     single = count == 1
-    result[single] += lost[resets[first[single]]]
+    result[single] += lost[first[single]]
     for r, s in zip(*np.nonzero(count > 1), strict=True):
         ev.check()
         for k in range(int(first[r, s]), int(first[r, s] + count[r, s])):
-            result[r, s] += lost[resets[k]]
+            result[r, s] += lost[k]
 
 
 def _extrapolated(ev: Evaluation, args: list[Any], *, is_counter: bool, is_rate: bool) -> Value:
