@@ -104,8 +104,8 @@ def _endpoints(m: Matrix) -> dict[str, Any]:
         "count": count,
         "lo": lo,
         "hi": hi,
-        "t0": m.ts[first].astype(np.float64, copy=False),
-        "t1": m.ts[last].astype(np.float64, copy=False),
+        "t0": m.ts[first].astype(np.float64),
+        "t1": m.ts[last].astype(np.float64),
         "v0": m.values[first],
         "v1": m.values[last],
     }
@@ -144,7 +144,7 @@ def _add_resets(ev: Evaluation, m: Matrix, result: Floats, lo: Any, hi: Any) -> 
 def _extrapolated(ev: Evaluation, args: list[Any], *, is_counter: bool, is_rate: bool) -> Value:
     """Prometheus's extrapolatedRate, for every series and step at once. Durations are in
     milliseconds throughout (the ratios are the same) and arrays are reused in place: at
-    thousands of series by hundreds of steps, allocation is most of the cost."""
+    thousands of series by hundreds of steps, passes over memory are most of the cost."""
     m = _arg_matrix(ev, args[0])
     if is_counter:
         _counter_info(ev, m, "rate" if is_rate else "increase")
@@ -152,23 +152,30 @@ def _extrapolated(ev: Evaluation, args: list[Any], *, is_counter: bool, is_rate:
     count = e["count"]
     present = count >= 2
     with np.errstate(all="ignore"):
-        result = e["v1"] - e["v0"]
+        v0 = e["v0"]
+        result = e["v1"] - v0
         if is_counter and len(m.ts):
             _add_resets(ev, m, result, e["lo"], e["hi"])
         t0, t1 = e["t0"], e["t1"]
         ends = m.times.astype(np.float64)[None, :]
-        to_start = t0 - (ends - m.range_ms)
-        to_end = ends - t1
-        sampled = t1 - t0
-        average = sampled / (count - 1)
-        threshold = average * 1.1
-        half = average * 0.5
+        to_start = np.subtract(t0, ends - m.range_ms)
+        to_end = np.subtract(ends, t1)
+        sampled = np.subtract(t1, t0)
+        half = sampled / (count - 1)  # the average interval...
+        threshold = half * 1.1
+        half *= 0.5  # ...and half of it
         np.copyto(to_start, half, where=to_start >= threshold)
-        if is_counter:  # a counter is not extrapolated below zero
-            to_zero = e["v0"] / result
-            to_zero *= sampled
-            use = (result > 0) & (e["v0"] >= 0) & (to_zero < to_start)
-            np.copyto(to_start, to_zero, where=use)
+        if is_counter:
+            # A counter is not extrapolated below zero. That can only bind where the first
+            # value is under 1.1 times the increase: look at those cells alone.
+            cells = np.flatnonzero((v0 < result * 1.1) & (result > 0) & (v0 >= 0))
+            if len(cells):
+                flat_start = to_start.reshape(-1)
+                zero = (
+                    v0.reshape(-1)[cells] / result.reshape(-1)[cells] * sampled.reshape(-1)[cells]
+                )
+                closer = zero < flat_start[cells]
+                flat_start[cells[closer]] = zero[closer]
         np.copyto(to_end, half, where=to_end >= threshold)
         to_start += to_end
         to_start += sampled
