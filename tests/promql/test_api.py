@@ -277,6 +277,18 @@ def test_buildinfo_rules_and_alerts(prom: InProcess, method: str) -> None:
 
 
 @BOTH
+def test_targets_with_a_state_filter(prom: InProcess, method: str) -> None:
+    """The in-process server scrapes nothing: both lists empty, whatever `state` says."""
+    for state in ({}, {"state": "active"}, {"state": "dropped"}, {"state": "any"}):
+        answer = _ask(prom, method, "/api/v1/targets", state)
+        assert answer.status_code == 200
+        assert answer.json() == {
+            "status": "success",
+            "data": {"activeTargets": [], "droppedTargets": []},
+        }
+
+
+@BOTH
 def test_exemplars_of_the_selectors_in_a_query(prom: InProcess, method: str) -> None:
     params = {"query": 'sum(rate(up{job="api"}[5m]))', "start": str(T - 60), "end": str(T)}
     assert _ask(prom, method, "/api/v1/query_exemplars", params).json() == {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
@@ -18,7 +19,7 @@ from lookout.ingest.auth import Access, Credentials, access_of
 from lookout.ingest.otlp import is_json
 from lookout.server import api, intake
 from lookout.server.errors import error_response
-from lookout.server.prom_api import PromAPI
+from lookout.server.prom_api import PromAPI, read_params
 from lookout.server.runtime import ServerRuntime
 from lookout.server.selfobserve import ingest_tracer_provider
 from lookout.store import damages_in, unacknowledged
@@ -135,13 +136,20 @@ class Guard:
 
 
 async def targets(request: Request) -> Response:
-    """Prometheus's `/api/v1/targets`: each target's health, last error and last scrape."""
+    """Prometheus's `/api/v1/targets`: each target's health, last error and last scrape;
+    `state=active|dropped|any` (default any) as Prometheus takes it, by GET or form POST."""
     scraper = getattr(request.app.state, "scraper", None)
-    if scraper is None:
-        return JSONResponse(
-            {"status": "success", "data": {"activeTargets": [], "droppedTargets": []}}
-        )
-    return JSONResponse(scraper.targets_view())
+    view: dict[str, Any] = (
+        scraper.targets_view()
+        if scraper is not None
+        else {"status": "success", "data": {"activeTargets": [], "droppedTargets": []}}
+    )
+    state = (await read_params(request)).get("state")  # the form's first, then the URL's
+    if state == "active":
+        view["data"]["droppedTargets"] = []
+    elif state == "dropped":
+        view["data"]["activeTargets"] = []
+    return JSONResponse(view)
 
 
 async def register_targets(request: Request) -> Response:
@@ -198,7 +206,7 @@ def main_app(runtime: ServerRuntime) -> Starlette:
     ]
     health = [Route("/healthz", healthz), Route("/readyz", readyz)]
     scraping = [
-        Route("/api/v1/targets", targets),
+        Route("/api/v1/targets", targets, methods=["GET", "POST"]),
         Route("/api/targets", register_targets, methods=["POST"]),
     ]
     prometheus = PromAPI(runtime)  # /api/v1/query and the rest: docs/promql.md
