@@ -622,7 +622,6 @@ def test_cli_prints_a_row_per_file_and_exits_0(
     [
         (lambda d: str(d / "missing.test"), "no such file or folder"),
         (str, "no *.test files under"),
-        (lambda d: _write(d / "bad.test", "load 1m\n  m 1 x\n"), "bad.test:2: invalid point 'x'"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(
@@ -639,6 +638,19 @@ def test_usage_errors_exit_2_with_one_line(
     assert len(result.stderr.splitlines()) == 1
     assert problem in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_broken_script_fails_and_the_others_still_run(tmp_path: Path) -> None:
+    """A script the runner cannot parse is one failure naming its line; the rest run."""
+    _write(tmp_path / "a_bad.test", "load 1m\n  m 1 x\n")
+    _write(tmp_path / "b_good.test", "load 1m\n  m 1 2\n\neval instant at 1m m\n  m 2\n")
+    out, err = io.StringIO(), io.StringIO()
+    code = run_cli([str(tmp_path)], out=out, err=err)
+    assert code == 1
+    rows = out.getvalue().splitlines()
+    assert rows[1].split() == ["a_bad.test", "0", "1", "0", "0"]
+    assert rows[2].split() == ["b_good.test", "1", "0", "0", "0"]
+    assert "a_bad.test:2: invalid point 'x'" in out.getvalue()
 
 
 def _write(path: Path, text: str) -> str:

@@ -235,11 +235,14 @@ class MemoryStorage:
     def load(self, load: Load) -> None:
         """Add a `load` command's points: point i of a series is at i * interval."""
         for labels, points in load.series.values():
+            at = load.start_ms
             floats = [
-                (i * load.interval_ms, p) for i, p in enumerate(points) if isinstance(p, float)
+                (at + i * load.interval_ms, p) for i, p in enumerate(points) if isinstance(p, float)
             ]
             histograms = [
-                i * load.interval_ms for i, p in enumerate(points) if isinstance(p, HistogramValue)
+                at + i * load.interval_ms
+                for i, p in enumerate(points)
+                if isinstance(p, HistogramValue)
             ]
             self.add(labels, floats, histograms)
             if load.with_nhcb:
@@ -516,18 +519,27 @@ def collect(paths: Sequence[str]) -> list[tuple[Path, str]]:
     return found
 
 
-def load_scripts(paths: Sequence[str]) -> list[Script]:
-    """Read and parse every script first, so a broken one stops the run before it starts."""
-    scripts = []
+def load_scripts(paths: Sequence[str]) -> list[Script | FileReport]:
+    """Read and parse every script first. One that cannot be read or parsed becomes a
+    report of one failure naming its file and line, and the others still run: a script in
+    a newer format must not hide the verdicts of the rest."""
+    loaded: list[Script | FileReport] = []
     for file, name in collect(paths):
         try:
-            text = file.read_text(encoding="utf-8")
+            script = parse_script(file.read_text(encoding="utf-8"), str(file))
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read {file}: {exc}") from None
-        script = parse_script(text, str(file))
+            loaded.append(_broken(name, 0, f"cannot read {file}: {exc}"))
+            continue
+        except FormatError as exc:
+            loaded.append(_broken(name, exc.line, str(exc)))
+            continue
         script.path = name
-        scripts.append(script)
-    return scripts
+        loaded.append(script)
+    return loaded
+
+
+def _broken(name: str, line: int, message: str) -> FileReport:
+    return FileReport(name, [Outcome(line, "(the script)", "failed", message)])
 
 
 _COLUMNS = ("passed", "failed", "skipped", "warn/info")
@@ -648,8 +660,9 @@ def run_cli(
     print(_row("file", width, _COLUMNS), file=table, flush=True)
     reports = []
     for script in scripts:
-        reports.append(run_script(script, engine_factory))
-        print(_row(script.path, width, _counts(reports[-1:])), file=table, flush=True)
+        report = script if isinstance(script, FileReport) else run_script(script, engine_factory)
+        reports.append(report)
+        print(_row(report.path, width, _counts(reports[-1:])), file=table, flush=True)
     print(_row("total", width, _counts(reports)), file=table, flush=True)
     if as_json:
         json.dump(_as_json(reports), out, indent=2)

@@ -56,6 +56,7 @@ class Load:
     interval_ms: int
     with_nhcb: bool
     series: dict[LabelsKey, tuple[dict[str, str], list[Point]]] = field(default_factory=dict)
+    start_ms: int = 0  # when the first point is: 0 unless the command gives a start
     # Series whose samples use a feature outside the supported set: labels and which one.
     unsupported: dict[LabelsKey, tuple[dict[str, str], str]] = field(default_factory=dict)
 
@@ -165,6 +166,14 @@ _HISTOGRAM_TAIL = re.compile(r"x([0-9]+)|[-+](?=\{\{)")
 _IDENT = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, "'": 39, '"': 34}
+
+
+def _start_ms(text: str) -> int:
+    """A load's start: seconds as a number, or a duration."""
+    try:
+        return round(float(text) * 1000)
+    except ValueError:
+        return parse_duration(text)
 
 
 def parse_duration(text: str) -> int:
@@ -412,8 +421,11 @@ def _parse_load(lines: list[str], i: int) -> tuple[Load, int]:
     match = _LOAD.match(lines[i])
     if match is None:
         raise _LineError(i, "invalid load command; expected load[_with_nhcb] <interval>")
+    interval, _, start = match.group(2).partition(" ")
     try:
-        load = Load(i + 1, parse_duration(match.group(2)), match.group(1) == "with_nhcb")
+        load = Load(i + 1, parse_duration(interval), match.group(1) == "with_nhcb")
+        if start.strip():  # `load 30s 150`: the first point at 150 s (newer Prometheus)
+            load.start_ms = _start_ms(start.strip())
     except ValueError as exc:
         raise _LineError(i, f"invalid load interval: {exc}") from None
     i += 1
