@@ -176,6 +176,7 @@ def test_a_pathological_regex_matches_in_linear_time() -> None:
         ("m{a=~'('}", "bad_data"),
         ("", "bad_data"),
         ('"text"[5m]', "bad_data"),
+        ("m + fill(0) m", "bad_data"),  # experimental in Prometheus: refused, not ignored
     ],
 )
 def test_bad_queries_are_bad_data(query: str, error_type: str) -> None:

@@ -65,6 +65,9 @@ def apply(op: str, lhs: Floats, rhs: Floats) -> tuple[Floats, Any]:
 def evaluate(ev: Evaluation, node: Any) -> Value:
     op = str(node.op)
     modifier = node.modifier
+    if has_fill(modifier):
+        raise PromQLError("fill modifiers (fill, fill_left, fill_right) are experimental in "
+                          "Prometheus and not supported by Lookout", "bad_data")  # fmt: skip
     return_bool = bool(modifier is not None and modifier.return_bool)
     lhs = ev.eval(node.lhs)
     rhs = ev.eval(node.rhs)
@@ -86,6 +89,12 @@ def evaluate(ev: Evaluation, node: Any) -> Value:
         return _vector_vector(op, lhs, rhs, modifier, return_bool=return_bool, delayed=delayed)
     raise PromQLError(f"binary operator {op!r} between {type(lhs).__name__} and "
                       f"{type(rhs).__name__} is not allowed", "bad_data")  # fmt: skip
+
+
+def has_fill(modifier: Any) -> bool:
+    """Whether a binary operator's modifier carries fill values (`+ fill(0)`)."""
+    fill = getattr(modifier, "fill_values", None) if modifier is not None else None
+    return fill is not None and (fill.lhs is not None or fill.rhs is not None)
 
 
 def _drops_name(op: str, return_bool: bool) -> bool:

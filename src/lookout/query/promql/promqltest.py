@@ -28,6 +28,7 @@ import numpy.typing as npt
 import promql_parser as pp
 
 from lookout.errors import PromQLError, UsageError
+from lookout.query.promql.binary import has_fill
 from lookout.query.promql.model import (
     Matcher,
     QueryResult,
@@ -86,7 +87,7 @@ QUERY_TIMEOUT_S = 100.0
 class SkipRule:
     """One feature outside the supported set: an eval that uses it is skipped, not failed."""
 
-    kind: Literal["data", "function", "aggregation", "parser"]
+    kind: Literal["data", "function", "aggregation", "modifier", "parser"]
     name: str
     reason: str
 
@@ -129,6 +130,12 @@ STATESETS = SkipRule(
     "the eval reads a native stateset series; the store keeps float samples only",
 )
 _UNSUPPORTED_DATA = {"start_timestamps": START_TIMESTAMPS, "statesets": STATESETS}
+FILL_MODIFIERS = SkipRule(
+    "modifier",
+    "fill modifiers",
+    "`fill`, `fill_left` and `fill_right` on binary operators are experimental in Prometheus "
+    "(`--enable-feature=promql-binop-fill-modifiers`)",
+)
 UNPARSEABLE = SkipRule(
     "parser",
     "promql-parser cannot parse",
@@ -172,6 +179,7 @@ SKIP_RULES: tuple[SkipRule, ...] = (
         for name in ("start", "end", "range", "step", "min_of", "max_of")
     ),
     *(SkipRule("aggregation", name, _EXPERIMENTAL) for name in ("limitk", "limit_ratio")),
+    FILL_MODIFIERS,
     UNPARSEABLE,
 )
 _FUNCTION_RULES = {r.name: r for r in SKIP_RULES if r.kind == "function"}
@@ -412,8 +420,9 @@ def static_skip(ev: Eval) -> str | None:
     except BaseException as exc:  # promql-parser's Rust panics arrive as BaseException
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        if ev.fail is not None:
-            return None  # the engine must fail it too; the run checks how
+        if ev.fail is not None and ev.fail.message is None and ev.fail.regex is None:
+            return None  # the engine must fail it too, with any message
+        # Syntax promql-parser does not know: Prometheus's own message for it cannot be had.
         return UNPARSEABLE.because(str(exc).split("\n")[0])
     found: list[SkipRule] = []
 
@@ -423,6 +432,8 @@ def static_skip(ev: Eval) -> str | None:
             rule = _FUNCTION_RULES.get(node.func.name)
         elif isinstance(node, pp.AggregateExpr):
             rule = _AGGREGATION_RULES.get(str(node.op))
+        elif isinstance(node, pp.BinaryExpr) and has_fill(node.modifier):
+            rule = FILL_MODIFIERS
         if rule is not None:
             found.append(rule)
             return False
