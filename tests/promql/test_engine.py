@@ -29,6 +29,7 @@ QUERIES = [
     "sum_over_time(m[1m])",
     "avg_over_time(m[45s])",
     "max_over_time(m[1m])",
+    "min_over_time(m[90s])",
     "count_over_time(m[2m])",
     "last_over_time(m[1m])",
     "quantile_over_time(0.3, m[2m])",

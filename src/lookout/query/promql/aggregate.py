@@ -264,34 +264,33 @@ def quantile(q: float, values: Floats) -> float:
 def _topk(
     vector: Vector, k_values: Floats, *, top: bool, without: bool, names: list[str]
 ) -> Vector:
-    """Per step and group, the k largest (smallest) samples; NaN ranks last either way. An
-    instant query lists them group by group in rank order, as Prometheus does."""
+    """Per step and group, the k largest (smallest) samples; NaN ranks last either way, ties
+    keep input order. Each group is ranked at every step in one stable argsort. An instant
+    query lists them group by group in rank order, as Prometheus does."""
     _, groups = _groups(vector, without, names)
     steps = vector.values.shape[1]
+    if np.isnan(k_values).any():
+        raise PromQLError("Parameter value is NaN", "execution")
+    ks = np.where(k_values >= 1, np.minimum(k_values, 2**62), 0).astype(np.int64)
     present = np.zeros_like(vector.present)
     rank_of: dict[int, tuple[int, int]] = {}
-    for s in range(steps):
-        k_raw = float(k_values[s])
-        if math.isnan(k_raw):
-            raise PromQLError("Parameter value is NaN", "execution")
-        k = int(min(k_raw, 2**62)) if k_raw >= 1 else 0
-        if k <= 0:
-            continue
-        for g, rows in enumerate(groups):
-            live = [r for r in rows if vector.present[r, s]]
-            if not live:
-                continue
-            worst = -math.inf if top else math.inf
-
-            def key(r: int, s: int = s, worst: float = worst) -> float:
-                value = float(vector.values[r, s])
-                return worst if math.isnan(value) else value
-
-            ranked = sorted(live, key=key, reverse=top)
-            for rank, r in enumerate(ranked[:k]):
-                present[r, s] = True
-                if steps == 1:
-                    rank_of[r] = (g, rank)
+    worst = -np.inf if top else np.inf
+    for g, rows in enumerate(groups):
+        index = np.asarray(rows, dtype=np.intp)
+        live = vector.present[index]
+        key = np.where(live & ~np.isnan(vector.values[index]), vector.values[index], worst)
+        # Absent samples sort after every present one, NaN ones included.
+        order = np.argsort(-key if top else key, axis=0, kind="stable")
+        live_sorted = np.take_along_axis(live, order, axis=0)
+        tier = np.where(live_sorted, 0, 1)
+        order = np.take_along_axis(order, np.argsort(tier, axis=0, kind="stable"), axis=0)
+        ranks = np.arange(len(rows))[:, None]
+        chosen = (ranks < ks[None, :]) & np.take_along_axis(live, order, axis=0)
+        picked_rows, picked_steps = np.nonzero(chosen)
+        present[index[order[picked_rows, picked_steps]], picked_steps] = True
+        if steps == 1:
+            for rank, position in enumerate(order[chosen[:, 0], 0].tolist()):
+                rank_of[rows[position]] = (g, rank)
     out = Vector(
         vector.labels, vector.values, present, None, unique=vector.unique, drop=vector.drop
     )

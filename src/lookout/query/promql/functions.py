@@ -339,14 +339,32 @@ def _last_over_time(ev: Evaluation, args: list[Any]) -> Value:
     return _matrix_out(ev, m, m.values[np.maximum(hi - 1, 0)], hi > lo, keep_name=True)
 
 
-def _nanless_extreme(*, pick_max: bool) -> Callable[[Any, Floats, int], float]:
-    def extreme(_t: Any, v: Floats, _s: int) -> float:
-        finite = v[~np.isnan(v)]
-        if len(finite) == 0:
-            return math.nan
-        return float(finite.max() if pick_max else finite.min())
-
-    return extreme
+def _window_extremes(ev: Evaluation, m: Matrix, *, pick_max: bool) -> Vector:
+    """max_over_time / min_over_time of every window at once, from a sparse table: level j
+    holds the extreme of each run of 2^j samples, so a window's extreme is that of two runs
+    that cover it. NaN counts only when the whole window is NaN, as in Prometheus."""
+    lo, hi = m.windows()
+    present = hi > lo
+    pick = np.fmax if pick_max else np.fmin
+    levels = [m.values]
+    width = 1
+    longest = int((hi - lo).max()) if present.any() else 0
+    while width * 2 <= longest:
+        ev.check()
+        below = levels[-1]
+        levels.append(pick(below[: len(below) - width], below[width:]))
+        width *= 2
+    count = np.maximum(hi - lo, 1)
+    level = np.floor(np.log2(count)).astype(np.intp)
+    values = np.full(lo.shape, np.nan)
+    for j, table in enumerate(levels):
+        cells = present & (level == j)
+        if not cells.any():
+            continue
+        start = lo[cells]
+        end = hi[cells] - (1 << j)
+        values[cells] = pick(table[start], table[end])
+    return _matrix_out(ev, m, values, present)
 
 
 def _over_time(kind: str) -> Callable[[Evaluation, list[Any]], Value]:
@@ -358,7 +376,7 @@ def _over_time(kind: str) -> Callable[[Evaluation, list[Any]], Value]:
             return _per_window(ev, m, lambda t, v, s: quantile(float(phi[s]), v))
         m = _arg_matrix(ev, args[0])
         if kind in ("max", "min"):
-            return _per_window(ev, m, _nanless_extreme(pick_max=kind == "max"))
+            return _window_extremes(ev, m, pick_max=kind == "max")
 
         def var(_t: Any, v: Floats, _s: int) -> float:
             return float(welford_variance(v[:, None], np.ones((len(v), 1), dtype=bool))[0])
