@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,18 @@ from lookout.query.promql.promqltest_format import (
 from tests.conftest import require_real
 from tests.support import ROOT
 
-SHARED = Path(__file__).parents[2].parent / "shared" / "conformance" / "promql"
+# The workplace keeps the shared folder next to the project (../shared) and at /work/shared;
+# a clone elsewhere (a CI checkout, say) finds it at the second, or where
+# LOOKOUT_SHARED_DIR points.
+_SHARED_CANDIDATES = [
+    *([Path(os.environ["LOOKOUT_SHARED_DIR"])] if os.environ.get("LOOKOUT_SHARED_DIR") else []),
+    ROOT.parent / "shared",
+    Path("/work/shared"),
+]
+SHARED = next(
+    (c / "conformance" / "promql" for c in _SHARED_CANDIDATES if (c / "conformance").is_dir()),
+    ROOT.parent / "shared" / "conformance" / "promql",
+)
 
 
 def skipped_because(name: str) -> str:
@@ -56,7 +68,8 @@ def shared_scripts() -> Path:
     require_real(
         "The folder of shared PromQL conformance scripts",
         available=SHARED.is_dir(),
-        how=f"expected at {SHARED}, next to the project folder",
+        how=f"looked in {', '.join(str(c) for c in _SHARED_CANDIDATES)}; "
+        "set LOOKOUT_SHARED_DIR to the folder that holds conformance/",
     )
     return SHARED
 
