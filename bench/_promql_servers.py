@@ -7,12 +7,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from _server import free_port
+from _server import free_port, stop, wait_ready
 
 # Compression off on both sides: the engines and their JSON are measured, not gzip.
 HEADERS = {"accept-encoding": "identity"}
@@ -61,58 +59,10 @@ def prometheus_server(blocks: Path, ready_timeout_s: float = 300.0) -> Iterator[
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(f"{url}/-/ready", process, ready_timeout_s, "prometheus", log)
+        wait_ready(f"{url}/-/ready", process, ready_timeout_s, "prometheus", log)
         yield Running(url, process.pid, "prometheus")
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@contextmanager
-def lookout_server(
-    data_dir: Path, env: Mapping[str, str], ready_timeout_s: float = 300.0
-) -> Iterator[Running]:
-    """`lookout server` on `data_dir`, as bench/_server.py starts it, with its log kept (the
-    first lines of a failed start say why)."""
-    port = free_port()
-    log = data_dir.parent / f"{data_dir.name}.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lookout", "server", "--data-dir", str(data_dir),
-             "--port", str(port), "--otlp-port", "0"],
-            stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **env},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(f"{url}/readyz", process, ready_timeout_s, "lookout server", log)
-        yield Running(url, process.pid, "lookout")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_ready(
-    url: str, process: subprocess.Popen[bytes], timeout_s: float, name: str, log: Path
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-            raise SystemExit(f"bench: {name} did not become ready; its log ends:\n{tail}")
-        time.sleep(0.2)
+        stop(process, timeout_s=60)
 
 
 def wait_for_writer(url: str) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import random
 import string
@@ -37,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +51,7 @@ from _ingest_load import (
     ceiling,
     send_load,
 )
-from _server import lookout_server
+from _server import isolated, lookout_server
 from run_cost import CHILD as LINES_CHILD
 from scrape_throughput import exposition, serve
 
@@ -67,7 +65,6 @@ SCALE_RATE = 5_000
 IN_FLIGHT = 8
 LINES_PER_S = 1_000
 SCRAPE_TARGETS, SCRAPE_SERIES, SCRAPE_EVERY_S = 5, 2_000, 5
-SPAWN = multiprocessing.get_context("spawn")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -77,20 +74,6 @@ def progress(text: str) -> None:
 
 def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def _stdout_to_stderr() -> None:
-    """In a helper process: stdout is the report's, so whatever a library prints there
-    (DuckDB's progress bar) goes to stderr."""
-    os.dup2(2, 1)
-
-
-def isolated(function: Any, *args: Any) -> Future[Any]:
-    """Run `function(*args)` in a fresh interpreter: a process of its own, as a sender is."""
-    pool = ProcessPoolExecutor(1, mp_context=SPAWN, initializer=_stdout_to_stderr)
-    future = pool.submit(function, *args)
-    pool.shutdown(wait=False)
-    return future
 
 
 def server_env(memory_limit: str, scrub: bool, **extra: str) -> dict[str, str]:

@@ -37,14 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +56,12 @@ from _promql_servers import (
     ask,
     compare,
     fresh_copy,
-    lookout_server,
     prometheus_server,
     prometheus_version,
     scratch_dir,
     wait_for_writer,
 )
+from _server import isolated, lookout_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALES = (200, 5_000)
@@ -77,7 +75,6 @@ LOAD_IN_FLIGHT = 4
 CONTROL_S = 15.0
 TARGET_ACK_P99_MS = 500.0
 TARGET_LOAD_SHARE = 0.95
-SPAWN = multiprocessing.get_context("spawn")
 
 BUCKETS = "http_server_request_duration_seconds_bucket"
 QUERIES: list[tuple[str, str]] = [
@@ -96,16 +93,9 @@ QUERIES: list[tuple[str, str]] = [
 INSTANT = ("instant_rate", f"rate({REQUESTS}[5m])")
 
 
-def _stdout_to_stderr() -> None:
-    os.dup2(2, 1)
-
-
-def isolated(function: Any, *args: Any) -> Future[Any]:
-    """`function(*args)` in a fresh interpreter (the span sender: a process of its own)."""
-    pool = ProcessPoolExecutor(1, mp_context=SPAWN, initializer=_stdout_to_stderr)
-    future = pool.submit(function, *args)
-    pool.shutdown(wait=False)
-    return future
+def _log_of(data: Path) -> Path:
+    """Where a server's output is kept, beside its data directory (quoted if it fails)."""
+    return data.parent / f"{data.name}.log"
 
 
 def server_env() -> dict[str, str]:
@@ -235,7 +225,7 @@ def run_scale(args: argparse.Namespace, scale: int, work: Path) -> dict[str, Any
         began = time.monotonic()
         section["loadavg_1m_before"] = loadavg()
         with prometheus_server(folder / "prometheus") as prom, \
-                lookout_server(data, server_env()) as look:  # fmt: skip
+                lookout_server(data, server_env(), 300.0, _log_of(data)) as look:  # fmt: skip
             wait_for_writer(look.url)
             section["servers_ready_s"] = round(time.monotonic() - began, 1)
             section["lookout_copy_s"] = round(copy_s, 1)
@@ -310,7 +300,7 @@ def run_load(args: argparse.Namespace, scale: int, work: Path) -> dict[str, Any]
     failed = 0
     try:
         data = fresh_copy(folder / "lookout", scratch, "lookout")
-        with lookout_server(data, server_env()) as look, \
+        with lookout_server(data, server_env(), 300.0, _log_of(data)) as look, \
                 httpx.Client(timeout=args.timeout) as client:  # fmt: skip
             wait_for_writer(look.url)
             for _, query in QUERIES:  # the sample cache warm, as on a dashboard's server
