@@ -616,8 +616,6 @@ def _translated(work: Callable[[], T]) -> T:
         ) from None
     except duckdb.Error as exc:
         raise PromQLError(f"the store cannot answer now: {exc}", "unavailable") from None
-    except NotImplementedError as exc:
-        raise PromQLError(f"not supported yet: {exc or 'this query'}", "execution") from None
     except Exception as exc:  # a bug: Prometheus answers its engine's panics the same way
         log = lookout.sdk.get_logger("lookout.server")
         log.exception("promql_failed", error=repr(exc))
