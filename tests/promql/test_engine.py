@@ -212,7 +212,7 @@ def test_the_all_steps_quantile_is_the_one_step_quantile(
 ) -> None:
     """histogram_quantile's vectorized path answers bit for bit what the per-step one does,
     for unsorted, duplicate, non-monotonic and +Inf-less buckets and any quantile."""
-    from lookout.query.promql.functions import bucket_quantile, bucket_quantiles
+    from lookout.query.promql.histograms import bucket_quantile, bucket_quantiles
 
     edges = np.array(bounds)
     q = np.array([c[0] for c in columns])

@@ -116,7 +116,8 @@ def evaluate(ev: Evaluation, node: Any) -> Value:
     if op == "count_values":
         if not isinstance(param, String):
             raise PromQLError("count_values needs a string label name", "bad_data")
-        ev.check_label_name(param.text, "label name in count_values")
+        if not ev.label_name_ok(param.text):
+            raise PromQLError(f"invalid label name {param.text!r}", "execution")
         return _count_values(vector, param.text, without, names, steps)
     if op in ("limitk", "limit_ratio"):
         raise PromQLError(f"{op} is experimental in Prometheus and not supported by Lookout",
@@ -304,8 +305,6 @@ def _count_values(
 ) -> Vector:
     from lookout.query.promql.engine import go_float
 
-    if not label or not _valid_label_name(label):
-        raise PromQLError(f"invalid label name {label!r}", "execution")
     counts: dict[tuple[tuple[str, str], ...], Floats] = {}
     out_labels: dict[tuple[tuple[str, str], ...], Labels] = {}
     for i, labels in enumerate(vector.labels):
@@ -323,7 +322,3 @@ def _count_values(
     keys = list(counts)
     values = np.array([counts[k] for k in keys])
     return Vector([out_labels[k] for k in keys], values, values > 0, None, unique=True)
-
-
-def _valid_label_name(name: str) -> bool:
-    return bool(name) and name.isprintable()

@@ -250,10 +250,10 @@ class Evaluation:
     def info(self, message: str, position: str = "") -> None:
         self.infos.append(f"PromQL info: {message} {position}".rstrip())
 
-    def check_label_name(self, name: str, context: str) -> None:
-        """Label names must be valid UTF-8 (and not empty), as in Prometheus 3."""
-        if not name or name in self.invalid_strings:
-            raise PromQLError(f"invalid {context}: {name!r}", "bad_data")
+    def label_name_ok(self, name: str) -> bool:
+        """A label name a function may write: not empty, printable, and not spelled with
+        byte escapes that are invalid UTF-8 (see positions.invalid_utf8_literals)."""
+        return bool(name) and name.isprintable() and name not in self.invalid_strings
 
     # -- dispatch ------------------------------------------------------------------------
     def eval(self, node: Any) -> Value:

@@ -19,7 +19,7 @@ import promql_parser as pp
 import re2
 
 from lookout.errors import PromQLError
-from lookout.query.promql import positions
+from lookout.query.promql import histograms, positions
 from lookout.query.promql.aggregate import SAFE_MAGNITUDE, quantile, warn_quantile, welford_variance
 from lookout.query.promql.model import Floats
 from lookout.query.promql.values import (
@@ -609,24 +609,13 @@ def _label_replace(ev: Evaluation, args: list[Any]) -> Value:
         raise PromQLError(
             f"invalid regular expression in label_replace(): {pattern}", "bad_data"
         ) from None
-    if not _valid_name(dst) or dst in ev.invalid_strings:
+    if not ev.label_name_ok(dst):
         raise PromQLError(f"invalid destination label name in label_replace(): {dst}", "bad_data")
-    labels = []
+    values = []
     for lb in vector.labels:
         found = regex.fullmatch(lb.get(src, ""))
-        if found is None:
-            labels.append(lb)
-            continue
-        value = _expand(replacement, found)
-        out = dict(lb)
-        if value:
-            out[dst] = value
-        else:
-            out.pop(dst, None)
-        labels.append(out)
-    # With delayed name removal, a name written by the function stays.
-    drop = None if dst == NAME else vector.drop
-    return Vector(labels, vector.values, vector.present, None, unique=False, drop=drop).merged()
+        values.append(None if found is None else _expand(replacement, found))
+    return _with_label(vector, dst, values)
 
 
 def _label_join(ev: Evaluation, args: list[Any]) -> Value:
@@ -634,14 +623,22 @@ def _label_join(ev: Evaluation, args: list[Any]) -> Value:
     dst = _arg_string(ev, args[1])
     sep = _arg_string(ev, args[2])
     sources = [_arg_string(ev, a) for a in args[3:]]
-    if not _valid_name(dst) or dst in ev.invalid_strings:
+    if not ev.label_name_ok(dst):
         raise PromQLError(f"invalid destination label name in label_join(): {dst}", "bad_data")
     for name in sources:
-        if not _valid_name(name) or name in ev.invalid_strings:
+        if not ev.label_name_ok(name):
             raise PromQLError(f"invalid source label name in label_join(): {name}", "bad_data")
+    values: list[str | None] = [sep.join(lb.get(s, "") for s in sources) for lb in vector.labels]
+    return _with_label(vector, dst, values)
+
+
+def _with_label(vector: Vector, dst: str, values: list[str | None]) -> Vector:
+    """Each row with `dst` set to its value (removed when empty, untouched when None)."""
     labels = []
-    for lb in vector.labels:
-        value = sep.join(lb.get(s, "") for s in sources)
+    for lb, value in zip(vector.labels, values, strict=True):
+        if value is None:
+            labels.append(lb)
+            continue
         out = dict(lb)
         if value:
             out[dst] = value
@@ -651,226 +648,6 @@ def _label_join(ev: Evaluation, args: list[Any]) -> Value:
     # With delayed name removal, a name written by the function stays.
     drop = None if dst == NAME else vector.drop
     return Vector(labels, vector.values, vector.present, None, unique=False, drop=drop).merged()
-
-
-def _valid_name(name: str) -> bool:
-    return bool(name) and name.isprintable()
-
-
-# -- classic histograms ----------------------------------------------------------------------
-def _bucket_groups(
-    ev: Evaluation, vector: Vector, fn_name: str, argument: int
-) -> tuple[list[Labels], list[tuple[Floats, list[int]]]]:
-    """Series grouped by their labels without `le`: each group's upper bounds and rows.
-    The metric name is part of the group (and dropped from the result), so two histograms
-    that differ only by name collide in the result, as in Prometheus."""
-    groups: dict[tuple[tuple[str, str], ...], tuple[Labels, list[float], list[int]]] = {}
-    for i, lb in enumerate(vector.labels):
-        text = lb.get("le")
-        try:
-            bound = float(text) if text is not None else math.nan
-        except ValueError:
-            bound = math.nan
-        if text is None or math.isnan(bound):
-            name = lb.get(NAME, "")
-            ev.warn(f'bucket label "le" is missing or has a malformed value of "{text or ""}" '
-                    f'for metric name "{name}"',
-                    positions.argument_position(ev.query, fn_name, argument))  # fmt: skip
-            continue
-        out = {k: v for k, v in lb.items() if k not in ("le", NAME)}
-        key = (*tuple(sorted(out.items())), ("", lb.get(NAME, "")))
-        if ev.engine.delayed_name_removal and NAME in lb:
-            out[NAME] = lb[NAME]
-        group = groups.setdefault(key, (out, [], []))
-        group[1].append(bound)
-        group[2].append(i)
-    labels = [g[0] for g in groups.values()]
-    return labels, [(np.asarray(g[1]), g[2]) for g in groups.values()]
-
-
-def _has_duplicates(sorted_bounds: Floats) -> bool:
-    """Two equal upper bounds (`le="1"` and `le="1.0"`), infinities included."""
-    return bool((sorted_bounds[1:] == sorted_bounds[:-1]).any())
-
-
-def _coalesce(bounds: Floats, counts: Floats) -> tuple[Floats, Floats]:
-    order = np.argsort(bounds, kind="stable")
-    bounds, counts = bounds[order], counts[order]
-    if len(bounds) > 1 and _has_duplicates(bounds):
-        unique, index = np.unique(bounds, return_inverse=True)
-        summed = np.zeros(len(unique))
-        np.add.at(summed, index, counts)
-        return unique, summed
-    return bounds, counts
-
-
-def bucket_quantile(q: float, bounds: Floats, counts: Floats) -> tuple[float, bool]:
-    """Prometheus's bucketQuantile over classic buckets; also says whether the counts had to
-    be made monotonic."""
-    if math.isnan(q):
-        return math.nan, False
-    if q < 0:
-        return -math.inf, False
-    if q > 1:
-        return math.inf, False
-    bounds, counts = _coalesce(bounds, counts)
-    if len(bounds) == 0 or not math.isinf(bounds[-1]) or bounds[-1] < 0:
-        return math.nan, False
-    fixed = np.maximum.accumulate(counts)
-    forced = bool((fixed != counts).any())
-    counts = fixed
-    if len(bounds) < 2:
-        return math.nan, forced
-    observations = counts[-1]
-    if observations == 0 or math.isnan(observations):
-        return math.nan, forced
-    rank = q * observations
-    b = int(np.searchsorted(counts, rank, side="left"))
-    b = min(b, len(counts) - 1)
-    if b == len(counts) - 1:
-        return float(bounds[-2]), forced
-    if b == 0 and bounds[0] <= 0:
-        return float(bounds[0]), forced
-    start, end, count = 0.0, float(bounds[b]), float(counts[b])
-    if b > 0:
-        start = float(bounds[b - 1])
-        count -= float(counts[b - 1])
-        rank -= float(counts[b - 1])
-    return start + (end - start) * (rank / count), forced
-
-
-def bucket_quantiles(q: Floats, bounds: Floats, counts: Floats) -> tuple[Floats, Any]:
-    """bucket_quantile() for many steps at once: `counts` has a row per bucket (matching
-    `bounds`) and a column per step, none missing or NaN. The same operations in the same
-    order, so each column's answer is bit for bit the one bucket_quantile() gives."""
-    steps = counts.shape[1]
-    values = np.full(steps, np.nan)
-    forced = np.zeros(steps, dtype=bool)
-    order = np.argsort(bounds, kind="stable")
-    bounds, counts = bounds[order], counts[order]
-    if len(bounds) > 1 and _has_duplicates(bounds):
-        unique, index = np.unique(bounds, return_inverse=True)
-        summed = np.zeros((len(unique), steps))
-        np.add.at(summed, index, counts)
-        bounds, counts = unique, summed
-    if len(bounds) and math.isinf(bounds[-1]) and bounds[-1] > 0:
-        fixed = np.maximum.accumulate(counts, axis=0)
-        forced = (fixed != counts).any(axis=0)
-        if len(bounds) >= 2:
-            with np.errstate(all="ignore"):
-                values = _interpolate(q, bounds, fixed)
-    # What bucket_quantile() answers before it looks at the buckets.
-    values = np.where(q > 1, np.inf, values)
-    values = np.where(q < 0, -np.inf, values)
-    values = np.where(np.isnan(q), np.nan, values)
-    forced &= ~(np.isnan(q) | (q < 0) | (q > 1))
-    return values, forced
-
-
-def _interpolate(q: Floats, bounds: Floats, counts: Floats) -> Floats:
-    nb = len(bounds)
-    columns = np.arange(counts.shape[1])
-    observations = counts[-1]
-    rank = q * observations
-    reached = counts >= rank[None, :]
-    b = np.where(reached.any(axis=0), reached.argmax(axis=0), nb - 1)
-    before = np.maximum(b - 1, 0)
-    start = np.where(b > 0, bounds[before], 0.0)
-    end = bounds[b]
-    below = np.where(b > 0, counts[before, columns], 0.0)
-    count = counts[b, columns] - below
-    values = start + (end - start) * ((rank - below) / count)
-    values = np.where(b == nb - 1, bounds[-2], values)
-    values = np.where((b == 0) & (bounds[0] <= 0), bounds[0], values)
-    return np.where((observations == 0) | np.isnan(observations), np.nan, values)
-
-
-def bucket_fraction(lower: float, upper: float, bounds: Floats, counts: Floats) -> float:
-    """The share of observations in [lower, upper], interpolating linearly inside finite
-    buckets. A bucket of infinite width is never interpolated into: a bound inside it counts
-    as its finite edge. The first bucket starts at 0 when its upper bound is positive."""
-    bounds, counts = _coalesce(bounds, counts)
-    if len(bounds) == 0 or not math.isinf(bounds[-1]) or bounds[-1] < 0:
-        return math.nan
-    total = float(counts[-1])
-    if total == 0 or math.isnan(total) or math.isnan(lower) or math.isnan(upper):
-        return math.nan
-    if lower >= upper:
-        return 0.0
-
-    def rank(x: float) -> float:
-        below = 0.0
-        for i, end in enumerate(bounds.tolist()):
-            start = (0.0 if end > 0 else -math.inf) if i == 0 else float(bounds[i - 1])
-            cum = float(counts[i])
-            if x <= start:
-                return below
-            if x < end:
-                if math.isinf(start):
-                    return cum
-                if math.isinf(end):
-                    return below
-                return float(below + (cum - below) * (x - start) / (end - start))
-            below = cum
-        return total
-
-    return (rank(upper) - rank(lower)) / total
-
-
-_QUANTILE_DOCS = (
-    "https://prometheus.io/docs/prometheus/latest/querying/functions/#histogram_quantile"
-)
-
-
-def _histogram_quantile(ev: Evaluation, args: list[Any]) -> Value:
-    phi = _arg_scalar(ev, args[0])
-    vector = ev.eval_vector(args[1])
-    warn_quantile(ev, phi, positions.argument_position(ev.query, "histogram_quantile", 0))
-    labels, groups = _bucket_groups(ev, vector, "histogram_quantile", 1)
-    steps = ev.steps
-    values = np.full((len(groups), steps), np.nan)
-    present = np.zeros((len(groups), steps), dtype=bool)
-    for g, (bounds, rows) in enumerate(groups):
-        ev.check()
-        p = vector.present[rows]
-        v = vector.values[rows]
-        present[g] = p.any(axis=0)
-        # Steps where every bucket is there (the usual case) go all at once.
-        whole = p.all(axis=0) & ~np.isnan(v).any(axis=0)
-        forced = np.zeros(steps, dtype=bool)
-        if whole.any():
-            values[g, whole], forced[whole] = bucket_quantiles(phi[whole], bounds, v[:, whole])
-        for s in np.flatnonzero(present[g] & ~whole):
-            live = p[:, s]
-            values[g, s], forced[s] = bucket_quantile(float(phi[s]), bounds[live], v[live, s])
-        if forced.any():
-            name = vector.labels[rows[0]].get(NAME, "")
-            ev.info(f"input to histogram_quantile needed to be fixed for monotonicity "
-                    f"(see {_QUANTILE_DOCS}) for metric name \"{name}\"",
-                    positions.argument_position(ev.query, "histogram_quantile", 1))  # fmt: skip
-    flags = np.ones(len(labels), dtype=bool) if ev.engine.delayed_name_removal else None
-    return Vector(labels, values, present, None, unique=False, drop=flags).merged()
-
-
-def _histogram_fraction(ev: Evaluation, args: list[Any]) -> Value:
-    lower = _arg_scalar(ev, args[0])
-    upper = _arg_scalar(ev, args[1])
-    vector = ev.eval_vector(args[2])
-    labels, groups = _bucket_groups(ev, vector, "histogram_fraction", 2)
-    steps = ev.steps
-    values = np.full((len(groups), steps), np.nan)
-    present = np.zeros((len(groups), steps), dtype=bool)
-    for g, (bounds, rows) in enumerate(groups):
-        p = vector.present[rows]
-        v = vector.values[rows]
-        for s in np.flatnonzero(p.any(axis=0)):
-            live = p[:, s]
-            values[g, s] = bucket_fraction(
-                float(lower[s]), float(upper[s]), bounds[live], v[live, s]
-            )
-            present[g, s] = True
-    flags = np.ones(len(labels), dtype=bool) if ev.engine.delayed_name_removal else None
-    return Vector(labels, values, present, None, unique=False, drop=flags).merged()
 
 
 # -- dates -----------------------------------------------------------------------------------
@@ -980,8 +757,8 @@ FUNCTIONS: dict[str, Handler] = {
     "label_join": _label_join,
     "sort": _sort(descending=False),
     "sort_desc": _sort(descending=True),
-    "histogram_quantile": _histogram_quantile,
-    "histogram_fraction": _histogram_fraction,
+    "histogram_quantile": histograms.histogram_quantile,
+    "histogram_fraction": histograms.histogram_fraction,
     "year": _date("year"),
     "month": _date("month"),
     "day_of_month": _date("day_of_month"),
