@@ -20,7 +20,7 @@ import re2
 
 from lookout.errors import PromQLError
 from lookout.query.promql import histograms, positions
-from lookout.query.promql.aggregate import SAFE_MAGNITUDE, quantile, warn_quantile, welford_variance
+from lookout.query.promql.aggregate import quantile, warn_quantile, welford_variance
 from lookout.query.promql.model import Floats
 from lookout.query.promql.values import (
     NAME,
@@ -264,10 +264,6 @@ def _kahan(values: Floats) -> float:
             comp += (x - t) + total
         total = t
     return total + comp
-
-
-def _well_conditioned(m: Matrix) -> bool:
-    return bool(np.isfinite(m.values).all() and (np.abs(m.values) < SAFE_MAGNITUDE).all())
 
 
 def _window_sums(ev: Evaluation, m: Matrix) -> tuple[Floats, Any, Any, Any]:
