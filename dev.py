@@ -100,8 +100,12 @@ def test_status(pytest_code: int) -> int:
 
 def cmd_demo(args: list[str]) -> int:
     bootstrap()
-    # Until busline and the server land, the demo is the SDK quick-start pair of services.
-    return run(BIN / "python", ROOT / "docs" / "examples" / "demo.py", *args, check=False)
+    # `lookout demo`: the server, busline and its customers (docs/cli.md). Ctrl-C reaches
+    # the demo too (one process group); it stops everything and so do we.
+    try:
+        return run(BIN / "python", "-m", "lookout", "demo", *args, check=False)
+    except KeyboardInterrupt:
+        return 130
 
 
 def cmd_lock(_: list[str]) -> int:

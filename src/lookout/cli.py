@@ -134,6 +134,12 @@ def _cmd_store_ack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lookout import demo
+
+    return demo.main(args)
+
+
 def _cmd_promql_test(args: argparse.Namespace) -> int:
     from lookout.query.promql.promqltest import run_cli
 
@@ -202,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("--config", type=Path, help="YAML config file (for its data_dir)")
     ack.add_argument("--data-dir", help="the server's data directory")
     ack.set_defaults(func=_cmd_store_ack)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run lookout server, busline and its customers, and show that data flows",
+    )
+    from lookout import demo as demo_module
+
+    demo_module.add_arguments(demo)
+    demo.set_defaults(func=_cmd_demo)
 
     promql_test = commands.add_parser(
         "promql-test",

@@ -46,6 +46,7 @@ class ServerConfig:
     )
     scrub_key: str = "lookout-insecure-default-key"  # DEFAULT_SCRUB_KEY
     self_observe_interval_s: float = 15.0
+    registered_scrape_interval_s: float = 15.0  # targets registered via POST /api/targets
     trace_ingest: bool = False
     scrape_configs: tuple[ScrapeConfig, ...] = ()
     # Security: bearer tokens for OTLP, lines and Loki (token -> project id), and the query
@@ -88,6 +89,10 @@ KEYS: dict[str, tuple[str, str]] = {
     "self_observe_interval_s": (
         "LOOKOUT_SELF_OBSERVE_INTERVAL",
         "seconds between writes of the server's own metrics to its store (15)",
+    ),
+    "registered_scrape_interval_s": (
+        "LOOKOUT_REGISTERED_SCRAPE_INTERVAL",
+        "seconds between scrapes of targets registered through POST /api/targets (15)",
     ),
     "trace_ingest": (
         "LOOKOUT_TRACE_INGEST",
@@ -337,6 +342,7 @@ _PARSERS: dict[str, Any] = {
     "projects": _projects,
     "scrub_key": str,
     "self_observe_interval_s": lambda v: _positive("self_observe_interval_s", v),
+    "registered_scrape_interval_s": lambda v: _positive("registered_scrape_interval_s", v),
     "trace_ingest": lambda v: _bool("trace_ingest", v),
     "scrape_configs": lambda v: parse_scrape_configs(_json_or_value("scrape_configs", v)),
     "ingest_tokens": _ingest_tokens,

@@ -40,6 +40,7 @@ __all__ = [
     "histogram",
     "init",
     "instrument_sqlalchemy",
+    "job_run",
     "metrics_url",
     "processing",
     "publishing",
@@ -262,6 +263,15 @@ def capture_exception(exc: BaseException) -> None:
     """
     with guard("capture_exception"):
         _errors.capture(exc)
+
+
+@contextlib.contextmanager
+def job_run(job: str, *, interval_minutes: int | None = None) -> Iterator[None]:
+    """Around one run of a scheduled job: a check-in when it starts, then `ok` or `error`
+    with its duration, so a failed or missed run can alert. An exception in the block
+    propagates. `interval_minutes` tells the server how often the job should run."""
+    with _errors.job_run(job, interval_minutes):
+        yield
 
 
 def set_user(id: str | int | None = None, **fields: Any) -> None:

@@ -155,6 +155,22 @@ def capture(exc: BaseException, request: Mapping[str, Any] | None = None) -> Non
             sentry_sdk.capture_exception(exc)
 
 
+@contextlib.contextmanager
+def job_run(job: str, interval_minutes: int | None) -> Iterator[None]:
+    """Report the block as one run of the scheduled job `job`: an in-progress check-in,
+    then ok or error with its duration (Sentry's cron monitors). A failing block raises."""
+    if not _enabled:
+        yield
+        return
+    import sentry_sdk.crons
+
+    config: Any = None
+    if interval_minutes is not None:
+        config = {"schedule": {"type": "interval", "value": interval_minutes, "unit": "minute"}}
+    with sentry_sdk.crons.monitor(monitor_slug=job, monitor_config=config):
+        yield
+
+
 def set_user(fields: Mapping[str, Any]) -> None:
     if _enabled:
         with guard("error user context"):

@@ -35,7 +35,6 @@ from lookout.server.runtime import ServerRuntime
 
 ACCEPT = "application/openmetrics-text;version=1.0.0;q=0.9,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 REFRESH_S = 5.0
-FILE_SD_INTERVAL_S = 15.0
 # The series every scrape writes about itself, as Prometheus does.
 OWN_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added")
 
@@ -85,8 +84,8 @@ class Scraper:
             *(
                 ScrapeConfig(
                     job_name=path.stem,
-                    scrape_interval=FILE_SD_INTERVAL_S,
-                    scrape_timeout=10.0,
+                    scrape_interval=self.runtime.config.registered_scrape_interval_s,
+                    scrape_timeout=min(10.0, self.runtime.config.registered_scrape_interval_s),
                     file_sd=(str(path),),
                 )
                 for path in registered

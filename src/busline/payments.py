@@ -1,0 +1,957 @@
+"""payments: takes a booking's payment through M-Pesa (STK push), Airtel Money or a card,
+in the order the control state's payment route gives, and confirms the booking when the
+provider's callback (or, failing that, a status query) says the customer paid.
+
+The flow is asynchronous, as with real providers. `POST /payments` pushes the request and
+answers 202 at once; the provider calls back seconds later with no trace context. The
+payment row keeps the span context of the request that initiated it, so:
+
+- the callback's own trace (a new one) holds a `payment.callback` span that LINKS to it;
+- the confirmation (`payment.confirm`: ticketing's confirm, then its queue publish and
+  the notifier) is a CHILD of it: it continues the buy's trace, so the `X-Trace-Id` of the
+  buy leads to every step.
+
+Status polling is the fallback when a callback is lost: `GET /payments/{id}` queries the
+provider once the payment has been pending for `BUSLINE_POLL_AFTER_S`, and a scheduled
+reconciliation (`mpesa-reconciliation`, a Sentry cron check-in per run) sweeps payments
+nobody polled. Both apply a result through the same code as the callback.
+
+Outcomes (span attribute `payment.result`, log event `payment_result`,
+`payment_outcomes_total{provider,result}`): success, user_cancelled, insufficient_funds,
+timeout, provider_error (a 5xx), provider_unreachable (no connection) and rejected (a 4xx).
+On provider_unreachable and provider_error the next provider of the route is tried.
+
+Environment:
+
+| Variable | Default | Meaning |
+| --- | --- | --- |
+| `BUSLINE_POLL_AFTER_S` | `5` | pending this long, a status read queries the provider |
+| `BUSLINE_PAYMENT_TIMEOUT_S` | `60` | pending this long with the provider still pending: timeout |
+| `BUSLINE_RECONCILE_INTERVAL_S` | `600` | seconds between reconciliation runs |
+| `BUSLINE_MPESA_SHORTCODE` | `174379` | the Daraja business shortcode |
+| `BUSLINE_MPESA_PASSKEY` | the simulator's | the Daraja passkey (a secret: never logged) |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import sqlalchemy as sa
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
+from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import lookout.sdk
+from busline import db, kit
+
+NAME = "payments"
+log = lookout.sdk.get_logger("busline.payments")
+tracer = lookout.sdk.tracer("busline.payments")
+
+RESULTS = (
+    "success",
+    "user_cancelled",
+    "insufficient_funds",
+    "timeout",
+    "provider_error",
+    "provider_unreachable",
+    "rejected",
+)
+#: Results after which the next provider of the route is tried: the push never happened.
+FALLBACK_RESULTS = ("provider_unreachable", "provider_error")
+
+outcomes_total = lookout.sdk.counter(
+    "payment_outcomes_total", "Payment outcomes, by provider and result.", ["provider", "result"]
+)
+revenue_total = lookout.sdk.counter(
+    "payment_revenue_total", "Revenue of successful payments.", ["currency", "provider"]
+)
+callback_delay = lookout.sdk.histogram(
+    "payment_callback_delay_seconds",
+    "Seconds from a payment's initiation to its provider's callback.",
+    ["provider"],
+    buckets=(1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 120),
+)
+pending_gauge = lookout.sdk.gauge("payments_pending", "Payments waiting for the provider's answer.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    poll_after_s: float
+    timeout_s: float
+    reconcile_interval_s: float
+    mpesa_shortcode: str
+    mpesa_passkey: str
+    #: How long a duplicate request waits for the first one to reach the provider.
+    replay_wait_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        def seconds(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            try:
+                value = float(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} is not a number of seconds.") from None
+            if value <= 0:
+                raise ValueError(f"{name}={raw!r} must be more than 0 seconds.")
+            return value
+
+        return cls(
+            poll_after_s=seconds("BUSLINE_POLL_AFTER_S", 5.0),
+            timeout_s=seconds("BUSLINE_PAYMENT_TIMEOUT_S", 60.0),
+            reconcile_interval_s=seconds("BUSLINE_RECONCILE_INTERVAL_S", 600.0),
+            mpesa_shortcode=env.get("BUSLINE_MPESA_SHORTCODE", "174379"),
+            mpesa_passkey=env.get("BUSLINE_MPESA_PASSKEY", "busline-simulator-passkey"),
+        )
+
+
+# ---------------------------------------------------------------- the database
+
+metadata = sa.MetaData()
+payments_table = sa.Table(
+    "payments",
+    metadata,
+    sa.Column("payment_id", sa.String(32), primary_key=True),
+    sa.Column("user_id", sa.String(64), nullable=False),
+    sa.Column("idempotency_key", sa.String(100), nullable=False),
+    sa.Column("booking_id", sa.String(64), nullable=False),
+    sa.Column("amount_kes", sa.Integer, nullable=False),
+    sa.Column("phone", sa.String(20), nullable=False),
+    sa.Column("provider", sa.String(16), nullable=False),
+    sa.Column("provider_request_id", sa.String(64), nullable=True, unique=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("result", sa.String(32), nullable=True),
+    # The span context of the request that initiated the payment (W3C traceparent parts).
+    sa.Column("trace_id", sa.String(32), nullable=True),
+    sa.Column("span_id", sa.String(16), nullable=True),
+    sa.Column("trace_flags", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("callback_at", sa.Float, nullable=True),
+    sa.Column("booking_synced_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("user_id", "idempotency_key", name="uq_payments_user_key"),
+    sa.Index("ix_payments_status_created", "status", "created_at"),
+)
+MIGRATIONS: list[db.Migration] = [(1, db.create_tables(metadata, "payments"))]
+
+
+@dataclass(frozen=True)
+class Payment:
+    payment_id: str
+    user_id: str
+    idempotency_key: str
+    booking_id: str
+    amount_kes: int
+    phone: str
+    provider: str
+    provider_request_id: str | None
+    status: str
+    result: str | None
+    trace_id: str | None
+    span_id: str | None
+    trace_flags: int | None
+    created_at: float
+    updated_at: float
+    callback_at: float | None
+    booking_synced_at: float | None
+
+    def initiating_context(self) -> SpanContext | None:
+        """The stored span context of the initiating request, as a remote parent."""
+        if not self.trace_id or not self.span_id:
+            return None
+        context = SpanContext(
+            trace_id=int(self.trace_id, 16),
+            span_id=int(self.span_id, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(self.trace_flags or 0),
+        )
+        return context if context.is_valid else None
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "payment_id": self.payment_id,
+            "status": self.status,
+            "result": self.result,
+            "provider": self.provider,
+            "booking_id": self.booking_id,
+            "amount_kes": self.amount_kes,
+        }
+
+
+# ---------------------------------------------------------------- the providers' APIs
+
+
+class ProviderFailureError(Exception):
+    """A call to a provider failed; `result` is its outcome in the taxonomy."""
+
+    def __init__(self, result: str, detail: str) -> None:
+        super().__init__(f"{result}: {detail}")
+        self.result = result
+        self.detail = detail
+
+
+MPESA_RESULTS = {0: "success", 1032: "user_cancelled", 1: "insufficient_funds", 1037: "timeout"}
+AIRTEL_RESULTS = {
+    "DP00800001008": "user_cancelled",
+    "DP00800001007": "insufficient_funds",
+    "DP00800001024": "timeout",
+}
+CARD_RESULTS = {
+    "authentication_abandoned": "user_cancelled",
+    "insufficient_funds": "insufficient_funds",
+    "authentication_timeout": "timeout",
+}
+
+
+def mpesa_result(code: Any) -> str:
+    try:
+        return MPESA_RESULTS.get(int(code), "provider_error")
+    except (TypeError, ValueError):
+        return "provider_error"
+
+
+def airtel_result(status: Any, response_code: Any) -> str | None:
+    """The outcome of an Airtel transaction status, or None while it is in progress."""
+    if status == "TS":
+        return "success"
+    if status == "TF":
+        return AIRTEL_RESULTS.get(str(response_code), "provider_error")
+    return None
+
+
+def card_result(status: Any, failure_code: Any) -> str | None:
+    if status == "succeeded":
+        return "success"
+    if status == "failed":
+        return CARD_RESULTS.get(str(failure_code), "provider_error")
+    return None
+
+
+def _invalid_callback(field: str) -> kit.Invalid:
+    return kit.Invalid(field, "missing or not in the provider's callback shape")
+
+
+def parse_callback(provider: str, body: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(provider request id, result or None for an interim status) of a callback body."""
+    if provider == "mpesa":
+        stk = (
+            body.get("Body", {}).get("stkCallback") if isinstance(body.get("Body"), dict) else None
+        )
+        if not isinstance(stk, dict) or not isinstance(stk.get("CheckoutRequestID"), str):
+            raise _invalid_callback("Body.stkCallback.CheckoutRequestID")
+        if isinstance(stk.get("ResultCode"), bool) or not isinstance(stk.get("ResultCode"), int):
+            raise _invalid_callback("Body.stkCallback.ResultCode")
+        return stk["CheckoutRequestID"], mpesa_result(stk["ResultCode"])
+    if provider == "airtel":
+        tx = body.get("transaction")
+        if not isinstance(tx, dict) or not isinstance(tx.get("id"), str):
+            raise _invalid_callback("transaction.id")
+        return tx["id"], airtel_result(tx.get("status_code"), tx.get("response_code"))
+    data = body.get("data")
+    charge = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(charge, dict) or not isinstance(charge.get("id"), str):
+        raise _invalid_callback("data.object.id")
+    return charge["id"], card_result(charge.get("status"), charge.get("failure_code"))
+
+
+PHONE = re.compile(r"\+?\d{9,15}")
+
+
+def normalise_phone(raw: str) -> str:
+    """Digits only, Kenyan numbers as 254XXXXXXXXX (07.. and 01.. become 2547.., 2541..)."""
+    digits = re.sub(r"[\s-]", "", raw).lstrip("+")
+    if len(digits) == 10 and digits.startswith("0"):
+        return "254" + digits[1:]
+    return digits
+
+
+class ProviderClient:
+    """The three payment APIs of the outside world, as payments speaks them."""
+
+    def __init__(self, client: httpx.AsyncClient, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+
+    async def _send(self, method: str, path: str, body: Any = None, **kw: Any) -> httpx.Response:
+        try:
+            base = kit.url_of("providers")
+        except kit.Unavailable as exc:
+            raise ProviderFailureError("provider_unreachable", str(exc)) from None
+        try:
+            response = await self.client.request(method, base + path, json=body, **kw)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise ProviderFailureError("provider_unreachable", type(exc).__name__) from None
+        except httpx.TimeoutException as exc:
+            raise ProviderFailureError("timeout", type(exc).__name__) from None
+        except httpx.TransportError as exc:
+            raise ProviderFailureError("provider_error", type(exc).__name__) from None
+        return response
+
+    @staticmethod
+    def _check(response: httpx.Response) -> dict[str, Any]:
+        detail = response.text[:200]
+        if response.status_code >= 500:
+            raise ProviderFailureError("provider_error", f"{response.status_code} {detail}")
+        if response.status_code >= 400:
+            raise ProviderFailureError("rejected", f"{response.status_code} {detail}")
+        try:
+            value = response.json()
+        except ValueError:
+            raise ProviderFailureError("provider_error", "answer is not JSON") from None
+        if not isinstance(value, dict):
+            raise ProviderFailureError("provider_error", "answer is not a JSON object")
+        return value
+
+    def _mpesa_auth(self) -> dict[str, str]:
+        stamp = datetime.now().strftime("%Y%m%d%H%M%S")  # Daraja's local time
+        code = self.settings.mpesa_shortcode
+        password = base64.b64encode(f"{code}{self.settings.mpesa_passkey}{stamp}".encode())
+        return {"BusinessShortCode": code, "Password": password.decode(), "Timestamp": stamp}
+
+    async def push(self, provider: str, payment: Payment, callback_url: str) -> str:
+        """Ask the customer to pay; the provider's request id."""
+        if provider == "mpesa":
+            body = {
+                **self._mpesa_auth(),
+                "TransactionType": "CustomerPayBillOnline",
+                "Amount": payment.amount_kes,
+                "PartyA": payment.phone,
+                "PartyB": self.settings.mpesa_shortcode,
+                "PhoneNumber": payment.phone,
+                "CallBackURL": callback_url,
+                "AccountReference": f"BL{payment.booking_id[:10]}",
+                "TransactionDesc": "Bus ticket",
+            }
+            answer = self._check(await self._send("POST", "/mpesa/stkpush/v1/processrequest", body))
+            request_id = answer.get("CheckoutRequestID")
+        elif provider == "airtel":
+            phone = payment.phone
+            msisdn = phone[3:] if phone.startswith("254") and len(phone) == 12 else phone
+            body = {
+                "reference": f"Bus ticket {payment.booking_id[:20]}",
+                "subscriber": {"country": "KE", "currency": "KES", "msisdn": msisdn},
+                "transaction": {
+                    "amount": payment.amount_kes,
+                    "country": "KE",
+                    "currency": "KES",
+                    "id": payment.payment_id,
+                },
+                "callback_url": callback_url,
+            }
+            headers = {"X-Country": "KE", "X-Currency": "KES"}
+            response = await self._send(
+                "POST", "/airtel/merchant/v1/payments/", body, headers=headers
+            )
+            answer = self._check(response)
+            request_id = answer.get("data", {}).get("transaction", {}).get("id")
+        else:
+            body = {
+                "amount": payment.amount_kes * 100,
+                "currency": "KES",
+                "reference": payment.payment_id,
+                "customer": {"phone": payment.phone},
+                "callback_url": callback_url,
+            }
+            request_id = self._check(await self._send("POST", "/card/v1/charges", body)).get("id")
+        if not isinstance(request_id, str) or not request_id:
+            raise ProviderFailureError(
+                "provider_error", f"{provider} answered without a request id"
+            )
+        return request_id
+
+    async def query(self, provider: str, request_id: str) -> str | None:
+        """The final result the provider reports, or None while it is still pending."""
+        if provider == "mpesa":
+            body = {**self._mpesa_auth(), "CheckoutRequestID": request_id}
+            response = await self._send("POST", "/mpesa/stkpushquery/v1/query", body)
+            if response.status_code == 500 and "500.001.1001" in response.text:
+                return None  # Daraja's "The transaction is being processed"
+            return mpesa_result(self._check(response).get("ResultCode"))
+        if provider == "airtel":
+            path = f"/airtel/standard/v1/payments/{quote(request_id, safe='')}"
+            response = await self._send("GET", path, headers={"X-Country": "KE"})
+            tx = self._check(response).get("data", {}).get("transaction", {})
+            return airtel_result(tx.get("status"), tx.get("response_code"))
+        response = await self._send("GET", f"/card/v1/charges/{quote(request_id, safe='')}")
+        charge = self._check(response)
+        return card_result(charge.get("status"), charge.get("failure_code"))
+
+
+# ---------------------------------------------------------------- the service
+
+
+def _current_context() -> SpanContext | None:
+    context = trace.get_current_span().get_span_context()
+    return context if context.is_valid else None
+
+
+def _booking_body(response: httpx.Response) -> dict[str, Any] | None:
+    """Ticketing's booking from a 200 answer, or None when it is not one."""
+    try:
+        booking = response.json()
+    except ValueError:
+        return None
+    if response.status_code != 200 or not isinstance(booking, dict):
+        return None
+    amount = booking.get("amount_kes")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        return None
+    return booking
+
+
+def _unpayable(booking: dict[str, Any], user_id: str) -> JSONResponse | None:
+    if str(booking.get("user_id")) != user_id:
+        return kit.error(404, "booking_not_found", "No such booking.", field="booking_id")
+    if booking.get("status") != "held":
+        return kit.error(
+            409,
+            "booking_not_payable",
+            f"Booking is {booking.get('status')}, not held: it cannot be paid.",
+            field="booking_id",
+            booking_status=booking.get("status"),
+        )
+    return None
+
+
+class Payments:
+    """Payments' state and flows; HTTP handlers below are thin shells around it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: httpx.AsyncClient,
+        settings: Settings,
+        control: kit.ControlState,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.providers = ProviderClient(client, settings)
+        self.settings = settings
+        self.control = control
+        self.clock = clock
+
+    # -------------------------------------------------------------- rows (sync, threadpool)
+
+    def _one(self, where: Any) -> Payment | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(payments_table).where(where)).mappings().first()
+        return None if row is None else Payment(**row)
+
+    def get(self, payment_id: str) -> Payment | None:
+        return self._one(payments_table.c.payment_id == payment_id)
+
+    def by_key(self, user_id: str, key: str) -> Payment | None:
+        c = payments_table.c
+        return self._one(sa.and_(c.user_id == user_id, c.idempotency_key == key))
+
+    def by_request_id(self, provider: str, request_id: str) -> Payment | None:
+        c = payments_table.c
+        return self._one(sa.and_(c.provider == provider, c.provider_request_id == request_id))
+
+    def insert(self, payment: Payment) -> bool:
+        """Insert `payment`; False when its idempotency key is taken (a duplicate)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(payments_table.insert().values(**asdict(payment)))
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    def _update(self, payment_id: str, only_pending: bool = False, **values: Any) -> bool:
+        c = payments_table.c
+        where = c.payment_id == payment_id
+        if only_pending:
+            where = sa.and_(where, c.status == "pending")
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                payments_table.update().where(where).values(updated_at=self.clock(), **values)
+            )
+        return done.rowcount == 1
+
+    def count_pending(self) -> int:
+        with self.engine.connect() as conn:
+            query = sa.select(sa.func.count()).where(payments_table.c.status == "pending")
+            return int(conn.execute(query).scalar_one())
+
+    def stale(self) -> tuple[list[Payment], list[Payment]]:
+        """Payments pending past the poll threshold, and final ones ticketing has not heard of."""
+        c = payments_table.c
+        now = self.clock()
+        with self.engine.connect() as conn:
+            pending = conn.execute(
+                sa.select(payments_table)
+                .where(c.status == "pending", c.created_at < now - self.settings.poll_after_s)
+                .order_by(c.created_at)
+                .limit(500)
+            ).mappings()
+            unsynced = conn.execute(
+                sa.select(payments_table)
+                .where(c.status != "pending", c.booking_synced_at.is_(None), c.updated_at < now - 2)
+                .limit(500)
+            ).mappings()
+            return [Payment(**r) for r in pending], [Payment(**r) for r in unsynced]
+
+    # -------------------------------------------------------------- starting a payment
+
+    async def booking(self, booking_id: str, user_id: str) -> dict[str, Any] | JSONResponse:
+        """Ticketing's booking, if it is this user's and still held; else the error."""
+        url = f"{kit.url_of('ticketing')}/internal/bookings/{quote(booking_id, safe='')}"
+        try:
+            response = await self.client.get(url, timeout=5.0)
+        except httpx.HTTPError as exc:
+            return kit.error(503, "dependency_unavailable", f"ticketing: {type(exc).__name__}")
+        if response.status_code == 404:
+            return kit.error(404, "booking_not_found", "No such booking.", field="booking_id")
+        booking = _booking_body(response)
+        if booking is None:
+            return kit.error(502, "dependency_failed", f"ticketing answered {response.status_code}")
+        return _unpayable(booking, user_id) or booking
+
+    async def start(
+        self, user_id: str, key: str, booking: dict[str, Any], phone: str, route: list[str]
+    ) -> Payment:
+        """Insert the payment under its idempotency key, then (the winner only) push it."""
+        now = self.clock()
+        initiating = _current_context()
+        payment = Payment(
+            payment_id=uuid.uuid4().hex,
+            user_id=user_id,
+            idempotency_key=key,
+            booking_id=str(booking["booking_id"]),
+            amount_kes=int(booking["amount_kes"]),
+            phone=phone,
+            provider=route[0],
+            provider_request_id=None,
+            status="pending",
+            result=None,
+            trace_id=f"{initiating.trace_id:032x}" if initiating else None,
+            span_id=f"{initiating.span_id:016x}" if initiating else None,
+            trace_flags=int(initiating.trace_flags) if initiating else None,
+            created_at=now,
+            updated_at=now,
+            callback_at=None,
+            booking_synced_at=None,
+        )
+        if not await run_in_threadpool(self.insert, payment):
+            return await self.replay(user_id, key)
+        pending_gauge.inc()
+        lookout.sdk.bind(payment_id=payment.payment_id)
+        return await self._push(payment, route)
+
+    async def replay(self, user_id: str, key: str) -> Payment:
+        """The payment a duplicate request answers: once the first request reached a
+        provider (or failed), so that every duplicate gets the same answer."""
+        deadline = self.clock() + self.settings.replay_wait_s
+        while True:
+            payment = await run_in_threadpool(self.by_key, user_id, key)
+            assert payment is not None  # rows are never deleted
+            done = payment.provider_request_id is not None or payment.status != "pending"
+            if done or self.clock() > deadline:
+                return payment
+            await asyncio.sleep(0.05)
+
+    async def _push(self, payment: Payment, route: list[str]) -> Payment:
+        callback_base = f"{kit.url_of(NAME)}/callbacks"
+        attributes = {"payment.id": payment.payment_id, "payment.route": ",".join(route)}
+        with tracer.start_as_current_span("payment.initiate", attributes=attributes) as span:
+            for index, provider in enumerate(route):
+                if provider != payment.provider:
+                    payment = replace(payment, provider=provider)
+                    await run_in_threadpool(self._update, payment.payment_id, provider=provider)
+                span.set_attribute("payment.provider", provider)
+                try:
+                    request_id = await self.providers.push(
+                        provider, payment, f"{callback_base}/{provider}"
+                    )
+                except ProviderFailureError as failure:
+                    log.warning(
+                        "payment_attempt_failed",
+                        provider=provider,
+                        result=failure.result,
+                        detail=failure.detail,
+                    )
+                    if failure.result in FALLBACK_RESULTS and index < len(route) - 1:
+                        outcomes_total.labels(provider=provider, result=failure.result).inc()
+                        continue
+                    span.set_attribute("payment.result", failure.result)
+                    return await self.apply(payment, failure.result, source="initiate")
+                await run_in_threadpool(
+                    self._update, payment.payment_id, provider_request_id=request_id
+                )
+                log.info("payment_initiated", provider=provider, provider_request_id=request_id)
+                return replace(payment, provider_request_id=request_id)
+        raise AssertionError("a payment route is never empty")
+
+    # -------------------------------------------------------------- finishing a payment
+
+    async def apply(
+        self,
+        payment: Payment,
+        result: str,
+        *,
+        source: str,
+        trigger: SpanContext | None = None,
+        callback_at: float | None = None,
+    ) -> Payment:
+        """Make `result` the payment's final result (once: the first caller wins) and tell
+        ticketing, in a span that continues the initiating trace and links to `trigger`
+        (the callback, poll or reconciliation that learnt the result)."""
+        initiating = payment.initiating_context()
+        parent = trace.set_span_in_context(NonRecordingSpan(initiating)) if initiating else None
+        links = [Link(trigger)] if trigger is not None and trigger.is_valid else []
+        attributes = {
+            "payment.id": payment.payment_id,
+            "payment.provider": payment.provider,
+            "payment.source": source,
+        }
+        with tracer.start_as_current_span(
+            "payment.confirm", context=parent, links=links, attributes=attributes
+        ) as span:
+            status = "succeeded" if result == "success" else "failed"
+            won = await run_in_threadpool(
+                self._update,
+                payment.payment_id,
+                only_pending=True,
+                status=status,
+                result=result,
+                callback_at=callback_at,
+            )
+            current = await run_in_threadpool(self.get, payment.payment_id)
+            assert current is not None
+            span.set_attribute("payment.result", str(current.result))
+            if won:
+                self._record(current, source)
+            elif current.result != result:
+                log.warning(
+                    "payment_result_conflict",
+                    payment_id=current.payment_id,
+                    kept=current.result,
+                    reported=result,
+                    source=source,
+                )
+            if current.booking_synced_at is None:
+                current = await self.sync_booking(current)
+        return current
+
+    def _record(self, payment: Payment, source: str) -> None:
+        result = str(payment.result)
+        outcomes_total.labels(provider=payment.provider, result=result).inc()
+        if result == "success":
+            revenue_total.labels(currency="KES", provider=payment.provider).inc(payment.amount_kes)
+        if source == "callback" and payment.callback_at is not None:
+            delay = payment.callback_at - payment.created_at
+            callback_delay.labels(provider=payment.provider).observe(delay)
+        pending_gauge.dec()
+        log.info(
+            "payment_result",
+            payment_id=payment.payment_id,
+            booking_id=payment.booking_id,
+            provider=payment.provider,
+            result=result,
+            amount_kes=payment.amount_kes,
+            source=source,
+        )
+
+    async def sync_booking(self, payment: Payment) -> Payment:
+        """Tell ticketing the final result (its routes are idempotent); on success, mark the
+        payment synced. A failure leaves it for the next callback or reconciliation."""
+        booking = quote(payment.booking_id, safe="")
+        if payment.status == "succeeded":
+            path = f"/internal/bookings/{booking}/confirm"
+            body: dict[str, Any] = {
+                "payment_id": payment.payment_id,
+                "provider": payment.provider,
+                "amount_kes": payment.amount_kes,
+                "phone": payment.phone,
+            }
+        else:
+            path = f"/internal/bookings/{booking}/payment-failed"
+            body = {"payment_id": payment.payment_id, "result": payment.result}
+        try:
+            response = await self.client.post(kit.url_of("ticketing") + path, json=body)
+        except (httpx.HTTPError, kit.Unavailable) as exc:
+            log.warning("booking_sync_failed", payment_id=payment.payment_id, error=repr(exc))
+            return payment
+        if response.status_code >= 500:
+            log.warning(
+                "booking_sync_failed",
+                payment_id=payment.payment_id,
+                status=response.status_code,
+            )
+            return payment
+        if response.status_code >= 400:  # e.g. the hold expired: support must refund
+            log.warning(
+                "booking_sync_refused",
+                payment_id=payment.payment_id,
+                booking_id=payment.booking_id,
+                status=response.status_code,
+                result=payment.result,
+            )
+        synced_at = self.clock()
+        await run_in_threadpool(self._update, payment.payment_id, booking_synced_at=synced_at)
+        return replace(payment, booking_synced_at=synced_at)
+
+    async def poll(self, payment: Payment, source: str) -> Payment:
+        """Ask the provider about a pending payment and apply a final answer; past the
+        timeout with the provider still pending, the result is `timeout`. A failing query
+        raises `ProviderFailureError`."""
+        trigger = _current_context()
+        if payment.provider_request_id is not None:
+            result = await self.providers.query(payment.provider, payment.provider_request_id)
+            if result is not None:
+                return await self.apply(payment, result, source=source, trigger=trigger)
+        if self.clock() - payment.created_at > self.settings.timeout_s:
+            return await self.apply(payment, "timeout", source=source, trigger=trigger)
+        return payment
+
+    async def reconcile(self) -> tuple[int, int]:
+        """One reconciliation pass: (payments checked, failures). Raises when any failed."""
+        pending, unsynced = await run_in_threadpool(self.stale)
+        failures: list[str] = []
+        for payment in pending:
+            try:
+                await self.poll(payment, "reconciliation")
+            except ProviderFailureError as failure:
+                failures.append(f"{payment.payment_id}: {failure}")
+        for payment in unsynced:
+            synced = await self.sync_booking(payment)
+            if synced.booking_synced_at is None:
+                failures.append(f"{payment.payment_id}: ticketing not told")
+        if failures:
+            raise ReconciliationError(len(pending) + len(unsynced), failures)
+        return len(pending) + len(unsynced), 0
+
+    async def reconcile_forever(self) -> None:
+        interval = self.settings.reconcile_interval_s
+        minutes = max(1, round(interval / 60))
+        while True:
+            await asyncio.sleep(interval)
+            with tracer.start_as_current_span("mpesa-reconciliation", context=Context()) as span:
+                try:
+                    with lookout.sdk.job_run("mpesa-reconciliation", interval_minutes=minutes):
+                        checked, _ = await self.reconcile()
+                    span.set_attribute("payment.checked", checked)
+                    log.info("reconciliation_done", checked=checked)
+                except Exception:  # one failed run must not stop the schedule
+                    log.exception("reconciliation_failed")
+
+
+class ReconciliationError(Exception):
+    """Some payments of a reconciliation run could not be checked or synced."""
+
+    def __init__(self, checked: int, failures: list[str]) -> None:
+        super().__init__(f"{len(failures)} of {checked} payments failed: {'; '.join(failures[:5])}")
+        self.checked = checked
+        self.failures = failures
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def _header(request: Request, name: str, max_len: int) -> str:
+    value = request.headers.get(name, "").strip()
+    if not value:
+        raise kit.Invalid(name, "header is required")
+    if len(value) > max_len:
+        raise kit.Invalid(name, f"header is longer than {max_len} characters")
+    return value
+
+
+def _service(request: Request) -> Payments:
+    service: Payments = request.app.state.payments
+    return service
+
+
+BOOKING_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+IMMEDIATE_FAILURES = {
+    "rejected": (422, "payment_rejected", "The provider refused the payment request."),
+    "provider_unreachable": (502, "provider_unreachable", "No payment provider could be reached."),
+    "provider_error": (502, "provider_error", "The payment providers failed."),
+    "timeout": (504, "provider_timeout", "The payment provider did not answer in time."),
+}
+
+
+def _answer(payment: Payment) -> JSONResponse:
+    if payment.status == "failed" and payment.provider_request_id is None:
+        status, code, message = IMMEDIATE_FAILURES.get(
+            str(payment.result), (502, str(payment.result), "The payment failed.")
+        )
+        body = {"error": code, "message": message, **payment.view()}
+        return JSONResponse(body, status_code=status)
+    return JSONResponse(payment.view(), status_code=202 if payment.status == "pending" else 200)
+
+
+async def create_payment(request: Request) -> JSONResponse:
+    service = _service(request)
+    user_id = _header(request, "X-User-Id", 64)
+    key = _header(request, "Idempotency-Key", 100)
+    data = await kit.json_object(request)
+    booking_id = kit.text_field(
+        data,
+        "booking_id",
+        max_len=64,
+        check=lambda v: BOOKING_ID.fullmatch(v) is not None,
+        hint="is not a booking id",
+    )
+    raw_phone = kit.text_field(
+        data,
+        "phone",
+        max_len=20,
+        check=lambda v: PHONE.fullmatch(re.sub(r"[\s-]", "", v)) is not None,
+        hint="must be a phone number such as 2547XXXXXXXX or 07XXXXXXXX",
+    )
+    provider = kit.text_field(data, "provider", required=False, choices=kit.PROVIDERS)
+    lookout.sdk.set_user(user_id)
+    lookout.sdk.bind(booking_id=booking_id)
+    existing = await run_in_threadpool(service.by_key, user_id, key)
+    if existing is None:
+        booking = await service.booking(booking_id, user_id)
+        if isinstance(booking, JSONResponse):
+            return booking
+        route = [provider] if provider else service.control.payment_route()
+        payment = await service.start(user_id, key, booking, normalise_phone(raw_phone), route)
+    else:
+        payment = await service.replay(user_id, key)
+    if payment.booking_id != booking_id:
+        return kit.error(
+            422,
+            "idempotency_key_reused",
+            "This Idempotency-Key was used for another booking; use a new key.",
+            field="Idempotency-Key",
+        )
+    if payment.status == "pending" and payment.provider_request_id is None:
+        return kit.error(
+            409,
+            "payment_in_progress",
+            "The first request with this Idempotency-Key is still running; retry.",
+            headers={"Retry-After": "2"},
+            payment_id=payment.payment_id,
+        )
+    return _answer(payment)
+
+
+async def get_payment(request: Request) -> JSONResponse:
+    service = _service(request)
+    user_id = _header(request, "X-User-Id", 64)
+    payment = await run_in_threadpool(service.get, request.path_params["payment_id"])
+    if payment is None or payment.user_id != user_id:
+        return kit.error(404, "payment_not_found", "No such payment.", field="payment_id")
+    lookout.sdk.bind(payment_id=payment.payment_id)
+    age = service.clock() - payment.created_at
+    if payment.status == "pending" and age > service.settings.poll_after_s:
+        try:
+            payment = await service.poll(payment, "poll")
+        except ProviderFailureError as failure:
+            log.warning("payment_query_failed", provider=payment.provider, result=failure.result)
+    return JSONResponse(payment.view())
+
+
+CALLBACK_ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
+
+
+async def callback(request: Request) -> JSONResponse:
+    """A provider's callback: no trace context; its trace links to the initiating one."""
+    service = _service(request)
+    provider = request.url.path.rsplit("/", 1)[-1]
+    request_id, result = parse_callback(provider, await kit.json_object(request))
+    payment = await run_in_threadpool(service.by_request_id, provider, request_id)
+    if payment is None:
+        log.warning("unknown_payment", provider=provider, provider_request_id=request_id)
+        return kit.error(
+            404, "unknown_payment", f"No {provider} payment has the request id {request_id!r}."
+        )
+    lookout.sdk.bind(payment_id=payment.payment_id)
+    if result is None:  # an interim status: the final one follows
+        return JSONResponse(CALLBACK_ACK)
+    initiating = payment.initiating_context()
+    links = [Link(initiating)] if initiating is not None else []
+    attributes = {
+        "payment.id": payment.payment_id,
+        "payment.provider": provider,
+        "payment.callback_result": result,
+    }
+    with tracer.start_as_current_span(
+        "payment.callback", links=links, attributes=attributes
+    ) as span:
+        if payment.status != "pending" and payment.booking_synced_at is not None:
+            span.set_attribute("payment.duplicate", True)  # noqa: FBT003
+            log.info("payment_callback_duplicate", provider=provider, result=result)
+            if payment.result != result:
+                log.warning("payment_result_conflict", kept=payment.result, reported=result)
+            return JSONResponse(CALLBACK_ACK)
+        payment = await service.apply(
+            payment,
+            result,
+            source="callback",
+            trigger=span.get_span_context(),
+            callback_at=service.clock(),
+        )
+    if payment.booking_synced_at is None:  # the provider retries; so does reconciliation
+        return kit.error(503, "booking_sync_pending", "Ticketing could not be told yet; retry.")
+    return JSONResponse(CALLBACK_ACK)
+
+
+async def healthz(_: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok", "service": NAME, "version": kit.version()})
+
+
+def create_app(env: Mapping[str, str] | None = None) -> Starlette:
+    settings = Settings.from_env(os.environ if env is None else env)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        engine = db.engine_for(NAME)
+        await run_in_threadpool(db.migrate, engine, MIGRATIONS)
+        client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        service = Payments(engine, client, settings, kit.ControlState())
+        app.state.payments = service
+        pending_gauge.set(await run_in_threadpool(service.count_pending))
+        reconciler = asyncio.get_running_loop().create_task(service.reconcile_forever())
+        try:
+            yield
+        finally:
+            reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconciler
+            await client.aclose()
+            engine.dispose()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/payments", create_payment, methods=["POST"]),
+            Route("/payments/{payment_id}", get_payment),
+            *(Route(f"/callbacks/{p}", callback, methods=["POST"]) for p in kit.PROVIDERS),
+        ],
+        lifespan=lifespan,
+    )
+    kit.handles_invalid(app)
+    return app
+
+
+def main() -> None:
+    kit.serve(NAME, kit.instrument(NAME, create_app()))
+
+
+__all__ = ["RESULTS", "Payment", "Payments", "Settings", "create_app", "main", "parse_callback"]

@@ -1,0 +1,122 @@
+"""`lookout demo`, as the README's first command runs it: the component table, data
+flowing, and every child gone soon after the demo stops or is killed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.support import ROOT, wait_until
+
+FLOWING_WITHIN_S = 60  # the target is 30 s on a warm machine; 2x slack for a loaded CI
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == pid]
+        out.extend(children)
+        frontier.extend(children)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Demo:
+    def __init__(self, data_dir: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lookout", "demo", "--data-dir", str(data_dir), "--port", "0"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.started = time.monotonic()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_flowing(self) -> float:
+        def flowing() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError("the demo exited:\n" + self.output())
+            return "data flowing after" in self.output()
+
+        try:
+            wait_until(flowing, FLOWING_WITHIN_S + 30, "data to flow")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the demo printed:\n{self.output()}") from None
+        return time.monotonic() - self.started
+
+
+def test_the_demo_shows_its_components_and_data_flows_then_dies_with_its_parent(
+    tmp_path: Path,
+) -> None:
+    demo = Demo(tmp_path / "demo")
+    try:
+        took = demo.wait_flowing()
+        assert took <= FLOWING_WITHIN_S, f"data flowed after {took:.0f} s"
+        text = demo.output()
+        for name in ("lookout", "gateway", "auth", "ticketing", "payments", "fleet", "control"):
+            assert re.search(rf"^{name}\s+http://127\.0\.0\.1:\d+", text, re.M), (name, text)
+        assert re.search(r"^notifier\s+worker", text, re.M), text
+        children = descendants(demo.process.pid)
+        assert len(children) >= 10  # server, supervisor, services, their launchers, load
+        os.kill(demo.process.pid, signal.SIGKILL)
+        demo.process.wait(5)
+        killed = time.monotonic()
+        wait_until(lambda: not any(alive(p) for p in children), 5, "no child to survive")
+        assert time.monotonic() - killed <= 5
+    finally:
+        demo.close()
+
+
+def test_ctrl_c_stops_everything_within_ten_seconds(tmp_path: Path) -> None:
+    demo = Demo(tmp_path / "demo")
+    try:
+        demo.wait_flowing()
+        children = descendants(demo.process.pid)
+        stopped = time.monotonic()
+        demo.process.send_signal(signal.SIGINT)
+        demo.process.wait(10)
+        wait_until(lambda: not any(alive(p) for p in children), 10, "everything to stop")
+        assert time.monotonic() - stopped <= 10
+        assert "stopping" in demo.output()
+    finally:
+        demo.close()
