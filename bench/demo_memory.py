@@ -61,10 +61,10 @@ def cmdline(pid: int) -> str:
     except OSError:
         return "?"
     parts = [p.decode(errors="replace") for p in raw.split(b"\0") if p]
+    if "run" in parts and "--service" in parts:  # a launcher: `lookout run ... -- CMD`
+        return "lookout run " + parts[parts.index("--service") + 1]
     if "busline" in parts and "service" in parts:
         return "service " + parts[parts.index("service") + 1]
-    if "run" in parts and "--service" in parts:
-        return "lookout run " + parts[parts.index("--service") + 1]
     for word in ("server", "demo", "load", "up"):
         if word in parts:
             return word

@@ -50,3 +50,23 @@ def test_the_sdk_depends_on_nothing_else_in_lookout(path: Path) -> None:
 def test_packages_ship_py_typed() -> None:
     assert (SRC / "lookout" / "py.typed").exists()
     assert (SRC / "busline" / "py.typed").exists()
+
+
+def test_the_providers_simulator_stands_outside_the_company() -> None:
+    """The simulated M-Pesa, Airtel, card and SMS companies are not instrumented: importing
+    them loads neither the SDK nor OpenTelemetry nor sentry-sdk."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, busline.providers\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lookout', 'opentelemetry', "
+        "'sentry_sdk')]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=False,
+        env={"PYTHONPATH": str(SRC)}, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr

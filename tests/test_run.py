@@ -226,6 +226,32 @@ def test_the_lines_endpoint_dedups_batches_and_rejects_bad_ones(server: RunningS
         assert response.json()["error"]["code"] == code
 
 
+def test_exit_grace_bounds_delivery_after_the_child_exits() -> None:
+    """With the server down, `--exit-grace 0.5` gives up half a second after the child
+    exits; the default keeps trying for 5 s (the control: it takes longer)."""
+    down = f"http://127.0.0.1:{free_port()}"
+
+    def took(*grace: str) -> float:
+        begin = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "lookout", "run", "--url", down, "--no-echo", *grace, "--",
+             sys.executable, "-c", "print('one line')"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0
+        assert "1 lines not delivered" in result.stderr
+        return time.monotonic() - begin
+
+    short, default = took("--exit-grace", "0.5"), took()
+    assert short < default - 2.5, (short, default)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lookout", "run", "--exit-grace", "-1", "--", "true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "--exit-grace" in bad.stderr
+
+
 def test_usage_error_without_a_command() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lookout", "run"], cwd=ROOT, capture_output=True, text=True,

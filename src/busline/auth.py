@@ -38,7 +38,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -68,22 +67,6 @@ DEFAULT_SESSION_TTL_S = 24 * 3600.0
 DEFAULT_ACTIVE_WINDOW_S = 300.0
 
 
-def env_number(
-    environ: Mapping[str, str], name: str, default: float, *, low: float, high: float, unit: str
-) -> float:
-    """`environ[name]` as a number within [low, high], or `ValueError` naming it."""
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not low <= value <= high:
-        raise ValueError(f"{name} has value {raw!r}. Expected {unit} between {low:g} and {high:g}.")
-    return value
-
-
 @dataclass(frozen=True)
 class ScryptCost:
     """scrypt's parameters: N (CPU and memory cost, a power of two), r (block size) and p
@@ -96,7 +79,7 @@ class ScryptCost:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ScryptCost:
         n = int(
-            env_number(
+            kit.env_number(
                 environ, "BUSLINE_SCRYPT_N", DEFAULT_SCRYPT_N, low=2, high=2**20, unit="a number"
             )
         )
@@ -121,7 +104,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         return cls(
             cost=ScryptCost.from_env(environ),
-            session_ttl_s=env_number(
+            session_ttl_s=kit.env_number(
                 environ,
                 "BUSLINE_SESSION_TTL_S",
                 DEFAULT_SESSION_TTL_S,
@@ -129,7 +112,7 @@ class Settings:
                 high=90 * 86400,
                 unit="seconds",
             ),
-            active_window_s=env_number(
+            active_window_s=kit.env_number(
                 environ,
                 "BUSLINE_ACTIVE_WINDOW_S",
                 DEFAULT_ACTIVE_WINDOW_S,
@@ -239,7 +222,6 @@ class ActiveUsers:
 _EMAIL = re.compile(
     r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)+$"
 )
-_PHONE = re.compile(r"^(?:\+?254|0)(7\d{8})$")
 PASSWORD_MIN = 8
 PASSWORD_MAX = 256
 
@@ -250,13 +232,6 @@ def normalise_email(value: str) -> str | None:
     if len(email) > 254 or not _EMAIL.match(email):
         return None
     return email
-
-
-def normalise_phone(value: str) -> str | None:
-    """A Kenyan mobile number as `2547XXXXXXXX` (from 07XXXXXXXX, 2547... or +2547...,
-    spaces and dashes allowed), else None."""
-    match = _PHONE.match(re.sub(r"[\s-]", "", value))
-    return None if match is None else "254" + match.group(1)
 
 
 def email_field(data: Mapping[str, Any]) -> str:
@@ -277,13 +252,6 @@ def password_field(data: Mapping[str, Any], *, check_length: bool) -> str:
     if check_length and len(value) < PASSWORD_MIN:
         raise kit.Invalid("password", f"must be at least {PASSWORD_MIN} characters")
     return value
-
-
-def phone_field(data: Mapping[str, Any]) -> str:
-    phone = normalise_phone(kit.text_field(data, "phone", max_len=20))
-    if phone is None:
-        raise kit.Invalid("phone", "must be a Kenyan mobile number: 2547XXXXXXXX or 07XXXXXXXX")
-    return phone
 
 
 # ---------------------------------------------------------------- storage
@@ -430,7 +398,7 @@ async def register(request: Request) -> Response:
     email = email_field(data)
     password = password_field(data, check_length=True)
     name = kit.text_field(data, "name", max_len=100).strip()
-    phone = phone_field(data)
+    phone = kit.phone_field(data)
     try:
         user_id = await run_in_threadpool(_accounts(request).register, email, password, name, phone)
     except EmailTakenError:
@@ -451,6 +419,8 @@ async def login(request: Request) -> Response:
         log.info("login_failed", reason="bad_credentials")
         return kit.error(401, "bad_credentials", "email or password is wrong")
     logins_total.labels(result="success").inc()
+    active: ActiveUsers = request.app.state.active
+    active.seen(session.user_id, time.monotonic())  # logging in is activity too
     lookout.sdk.set_user(id=session.user_id)
     log.info("login_succeeded", user_id=session.user_id)
     return JSONResponse(
@@ -481,17 +451,6 @@ async def current_session(request: Request) -> Response:
     return JSONResponse(user)
 
 
-async def healthz(_: Request) -> Response:
-    return JSONResponse({"status": "ok", "service": NAME, "version": kit.version()})
-
-
-async def http_error(_: Request, exc: Exception) -> Response:
-    """Starlette's own 404 and 405 in the one JSON error shape."""
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return kit.error(exc.status_code, code, str(exc.detail), headers=exc.headers)
-
-
 def create_app(environ: Mapping[str, str] | None = None) -> Starlette:
     """auth's app; its database opens (and migrates) at lifespan startup."""
     settings = Settings.from_env(os.environ if environ is None else environ)
@@ -516,7 +475,7 @@ def create_app(environ: Mapping[str, str] | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/healthz", healthz, methods=["GET"]),
+            Route("/healthz", kit.healthz(NAME), methods=["GET"]),
             Route("/auth/register", register, methods=["POST"]),
             Route("/auth/login", login, methods=["POST"]),
             Route("/internal/sessions/current", current_session, methods=["GET"]),
@@ -526,7 +485,6 @@ def create_app(environ: Mapping[str, str] | None = None) -> Starlette:
     app.state.active = active
     active_users_gauge.set_function(lambda: float(active.count(time.monotonic())))
     kit.handles_invalid(app)
-    app.add_exception_handler(HTTPException, http_error)
     return app
 
 

@@ -12,7 +12,9 @@ append-only JSON lines under `$BUSLINE_STATE/control/`; the state the services r
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
+import math
 import os
 import threading
 import time
@@ -58,12 +60,13 @@ class Services(Protocol):
 
 
 class RefusedError(Exception):
-    """The action cannot be taken as asked (409 with `code`)."""
+    """The action cannot be taken as asked (409, or `status`, with `code`)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int = 409) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,8 @@ def _since_ms(text: str | None) -> int:
         return 0
     try:
         number = float(text)
+        if not math.isfinite(number) or abs(number) > 1e15:
+            raise Invalid("since", "an RFC 3339 time or epoch seconds/milliseconds")
     except ValueError:
         try:
             parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -315,18 +320,22 @@ def create_app(control: Control, token: str | None = None) -> Starlette:  # noqa
     def authorised(request: Request) -> bool:
         if token is None:
             return True
-        return request.headers.get("authorization", "") == f"Bearer {token}"
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {token}".encode())
 
     def refusal(exc: RefusedError) -> JSONResponse:
-        return kit.error(409, exc.code, exc.message)
+        return kit.error(exc.status, exc.code, exc.message)
 
     async def body_of(request: Request) -> dict[str, Any]:
         return await kit.json_object(request)
 
     def service_of(request: Request) -> str:
         name = str(request.path_params["name"])
-        if name not in MANAGED:
-            raise Invalid("name", f"must be one of {', '.join(MANAGED)}", status=404)
+        running = [n for n in control.services.status() if n in MANAGED]
+        if name not in running:
+            raise RefusedError(
+                "unknown_service", f"{name!r} is not one of {', '.join(running)}", status=404
+            )
         return name
 
     def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Any:

@@ -67,6 +67,7 @@ def engine_for(service: str, *, pool_size: int = 5, max_overflow: int = 5) -> En
         schema = service.replace("-", "_")
         bootstrap = sa.create_engine(url, poolclass=sa.pool.NullPool)
         with bootstrap.begin() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7140)"))
             conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         bootstrap.dispose()
         engine = sa.create_engine(
@@ -102,7 +103,10 @@ def migrate(engine: Engine, migrations: Sequence[Migration]) -> int:
     import time
 
     ran = 0
-    _migrations_table.create(engine, checkfirst=True)
+    with engine.begin() as conn:
+        if is_postgres(engine):  # two services starting at once: one creates the table
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7141)"))
+        _migrations_table.create(conn, checkfirst=True)
     for version, apply in sorted(migrations, key=lambda m: m[0]):
         with engine.begin() as conn:
             if is_postgres(engine):

@@ -39,7 +39,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
@@ -318,7 +317,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         return cls(
-            time_scale=_number(
+            time_scale=kit.env_number(
                 environ,
                 "BUSLINE_FLEET_TIME_SCALE",
                 DEFAULT_TIME_SCALE,
@@ -326,7 +325,7 @@ class Settings:
                 high=3600.0,
                 unit="a factor",
             ),
-            tick_s=_number(
+            tick_s=kit.env_number(
                 environ,
                 "BUSLINE_FLEET_TICK_S",
                 DEFAULT_TICK_S,
@@ -335,24 +334,11 @@ class Settings:
                 unit="seconds",
             ),
             seed=int(
-                _number(environ, "BUSLINE_SEED", DEFAULT_SEED, low=0, high=2**53, unit="an integer")
+                kit.env_number(
+                    environ, "BUSLINE_SEED", DEFAULT_SEED, low=0, high=2**53, unit="an integer"
+                )
             ),
         )
-
-
-def _number(
-    environ: Mapping[str, str], name: str, default: float, *, low: float, high: float, unit: str
-) -> float:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not low <= value <= high:
-        raise ValueError(f"{name} has value {raw!r}. Expected {unit} between {low:g} and {high:g}.")
-    return value
 
 
 async def run_clock(fleet: Fleet, settings: Settings) -> None:
@@ -421,17 +407,6 @@ async def list_routes(_: Request) -> Response:
     )
 
 
-async def healthz(_: Request) -> Response:
-    return JSONResponse({"status": "ok", "service": NAME, "version": kit.version()})
-
-
-async def http_error(_: Request, exc: Exception) -> Response:
-    """Starlette's own 404 and 405 in the one JSON error shape."""
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return kit.error(exc.status_code, code, str(exc.detail), headers=exc.headers)
-
-
 def create_app(environ: Mapping[str, str] | None = None) -> Starlette:
     """fleet's app; the fleet starts, and its clock runs, from lifespan startup."""
     settings = Settings.from_env(os.environ if environ is None else environ)
@@ -459,7 +434,7 @@ def create_app(environ: Mapping[str, str] | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            HttpRoute("/healthz", healthz, methods=["GET"]),
+            HttpRoute("/healthz", kit.healthz(NAME), methods=["GET"]),
             HttpRoute("/fleet/buses", list_buses, methods=["GET"]),
             HttpRoute("/fleet/buses/{bus_id}", one_bus, methods=["GET"]),
             HttpRoute("/fleet/routes", list_routes, methods=["GET"]),
@@ -467,7 +442,6 @@ def create_app(environ: Mapping[str, str] | None = None) -> Starlette:
         lifespan=lifespan,
     )
     kit.handles_invalid(app)
-    app.add_exception_handler(HTTPException, http_error)
     return app
 
 

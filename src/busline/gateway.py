@@ -35,7 +35,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 import lookout.sdk
@@ -207,17 +207,17 @@ class Upstreams:
                     method, target, headers=dict(headers or {}), content=content
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                log.warning("upstream_unreachable", service=service, error=type(exc).__name__)
+                log.warning("upstream_unreachable", upstream=service, error=type(exc).__name__)
                 continue
             except httpx.TimeoutException as exc:
-                log.warning("upstream_timeout", service=service, error=type(exc).__name__)
+                log.warning("upstream_timeout", upstream=service, error=type(exc).__name__)
                 raise UpstreamFailedError(
                     upstream_answer(
                         504, "upstream_timeout", service, f"{service} did not answer in time"
                     )
                 ) from None
             except httpx.TransportError as exc:
-                log.warning("upstream_broken", service=service, error=type(exc).__name__)
+                log.warning("upstream_broken", upstream=service, error=type(exc).__name__)
                 raise UpstreamFailedError(
                     upstream_answer(
                         502, "upstream_error", service, f"{service} broke off its answer"
@@ -341,10 +341,6 @@ def endpoint(route: PublicRoute) -> Endpoint:
     return forward
 
 
-async def healthz(_: Request) -> Response:
-    return JSONResponse({"status": "ok", "service": NAME, "version": kit.version()})
-
-
 async def http_error(request: Request, exc: Exception) -> Response:
     """No route, or the wrong method: JSON errors (and maintenance when everything is
     closed)."""
@@ -390,7 +386,7 @@ def create_app(environ: Mapping[str, str] | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/healthz", healthz, methods=["GET"]),
+            Route("/healthz", kit.healthz(NAME), methods=["GET"]),
             *(Route(r.path, endpoint(r), methods=[r.method]) for r in ROUTES),
         ],
         lifespan=lifespan,

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -30,6 +32,9 @@ COMPANY_HOST = "127.0.0.1"
 PROVIDERS_HOST_DEFAULT = "127.0.0.2"
 
 DEFAULT_VERSION = "1.4.2"
+
+#: The company's time zone: timetables, and the times Daraja wants (EAT, UTC+3).
+NAIROBI = ZoneInfo("Africa/Nairobi")
 
 
 def state_dir() -> Path:
@@ -131,12 +136,13 @@ def url_of(service: str) -> str:
     return found.url
 
 
-def bind(host: str) -> socket.socket:
-    """A listening socket on `BUSLINE_PORT` when set (a restart keeps its port), else on
-    port 0. SO_REUSEADDR lets a restart take the port back at once."""
+def bind(host: str, port: int | None = None) -> socket.socket:
+    """A listening socket on `port`, else on `BUSLINE_PORT` when set (a restart keeps its
+    port), else on port 0. SO_REUSEADDR lets a restart take the port back at once."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    port = int(os.environ.get("BUSLINE_PORT", "0") or 0)
+    if port is None:
+        port = int(os.environ.get("BUSLINE_PORT", "0") or 0)
     deadline = time.monotonic() + 10.0
     while True:
         try:
@@ -211,6 +217,8 @@ async def json_object(request: Request, max_bytes: int = 64 * 1024) -> dict[str,
         value = json.loads(body)
     except ValueError as exc:
         raise Invalid("body", f"not JSON: {exc}") from None
+    except RecursionError:
+        raise Invalid("body", "nested too deeply") from None
     if not isinstance(value, dict):
         raise Invalid("body", "must be a JSON object")
     return value
@@ -236,6 +244,9 @@ def text_field(
         raise Invalid(name, "must be a non-empty string")
     if len(value) > max_len:
         raise Invalid(name, f"longer than {max_len} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        # PostgreSQL refuses NUL in text, and no field of ours wants control characters.
+        raise Invalid(name, "must not contain control characters")
     if choices is not None and value not in choices:
         raise Invalid(name, f"must be one of {', '.join(choices)}")
     if check is not None and not check(value):
@@ -261,7 +272,16 @@ def query_text(request: Request, name: str, *, required: bool = True, max_len: i
 
 
 def handles_invalid(app: Any) -> None:
-    """Answer `Invalid` anywhere in a handler with its 4xx JSON error."""
+    """Answer `Invalid` anywhere in a handler with its 4xx JSON error, `Unavailable` with a
+    503, and Starlette's own 404 and 405 in the same JSON shape."""
+    from starlette.exceptions import HTTPException
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    app.add_exception_handler(HTTPException, on_http)
 
     async def on_invalid(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Invalid)
@@ -272,6 +292,62 @@ def handles_invalid(app: Any) -> None:
 
     app.add_exception_handler(Invalid, on_invalid)
     app.add_exception_handler(Unavailable, on_unavailable)
+
+
+def healthz(service: str) -> Callable[[Request], Any]:
+    """The `GET /healthz` handler of `service`."""
+
+    async def handler(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "service": service, "version": version()})
+
+    return handler
+
+
+def env_number(
+    environ: Mapping[str, str], name: str, default: float, *, low: float, high: float, unit: str
+) -> float:
+    """`environ[name]` as a number within [low, high] (`default` when unset), or
+    `ValueError` naming the variable, its value and what is expected."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:  # also refuses nan
+        raise ValueError(f"{name} has value {raw!r}. Expected {unit} between {low:g} and {high:g}.")
+    return value
+
+
+# ---------------------------------------------------------------- phone numbers
+
+_KENYAN_MOBILE = re.compile(r"^(?:\+?254|0)([17]\d{8})$")
+PHONE_HINT = "must be a Kenyan mobile number: 2547XXXXXXXX, 07XXXXXXXX or 01XXXXXXXX"
+
+
+def normalise_phone(text: str) -> str | None:
+    """A Kenyan mobile number as `2547XXXXXXXX` / `2541XXXXXXXX` (what M-Pesa and the SMS
+    gateway take), from `07…`, `01…`, `+254…` or `254…` with spaces or dashes; else None."""
+    digits = re.sub(r"[\s-]", "", text)
+    found = _KENYAN_MOBILE.match(digits)
+    return None if found is None else "254" + found.group(1)
+
+
+def phone_field(data: Mapping[str, Any], name: str = "phone") -> str:
+    """`data[name]` normalised by `normalise_phone`, or `Invalid` naming the field."""
+    phone = normalise_phone(text_field(data, name, max_len=20))
+    if phone is None:
+        raise Invalid(name, PHONE_HINT)
+    return phone
+
+
+def mask_phone(phone: str) -> str:
+    """`254712345678` -> `2547****5678`: enough to tell numbers apart in a log, not
+    enough to call one."""
+    if len(phone) <= 8:
+        return "*" * len(phone)
+    return phone[:4] + "*" * (len(phone) - 8) + phone[-4:]
 
 
 # ---------------------------------------------------------------- the control state

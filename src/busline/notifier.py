@@ -77,22 +77,7 @@ MIGRATIONS: list[db.Migration] = [(1, db.create_tables(metadata, "sent_notificat
 # ---------------------------------------------------------------- the message
 
 
-_PHONE = re.compile(r"(?:\+?254|0)([17]\d{8})")
 _TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-
-
-def normalise_phone(value: str) -> str | None:
-    """A Kenyan mobile number as `2547XXXXXXXX` / `2541XXXXXXXX` (from 07..., 2547...,
-    +2547..., spaces and dashes allowed), else None."""
-    found = _PHONE.fullmatch(re.sub(r"[\s-]", "", value))
-    return None if found is None else "254" + found.group(1)
-
-
-def mask_phone(phone: str) -> str:
-    """`254712345678` -> `2547****5678`: enough to tell numbers apart in a log."""
-    if len(phone) <= 8:
-        return "*" * len(phone)
-    return phone[:4] + "*" * (len(phone) - 8) + phone[-4:]
 
 
 @dataclass(frozen=True)
@@ -134,9 +119,7 @@ def parse_confirmation(body: Mapping[str, Any]) -> Confirmation:
     booking_id = kit.text_field(
         body, "booking_id", max_len=100, check=_is_token, hint="is not an id"
     )
-    phone = normalise_phone(kit.text_field(body, "phone", max_len=20))
-    if phone is None:
-        raise kit.Invalid("phone", "must be a Kenyan mobile number: 2547XXXXXXXX or 07XXXXXXXX")
+    phone = kit.phone_field(body)
     seat = body.get("seat")
     if seat is not None and (
         isinstance(seat, bool) or not isinstance(seat, int | str) or not str(seat).strip()
@@ -276,7 +259,7 @@ class Notifier:
             self._drop_invalid(body, exc)
             return
         sdk.bind(booking_id=confirmation.booking_id, event_id=confirmation.event_id)
-        masked = mask_phone(confirmation.phone)
+        masked = kit.mask_phone(confirmation.phone)
         if await asyncio.to_thread(self.already_sent, confirmation.event_id):
             notifications_sent.labels(CHANNEL, "duplicate").inc()
             log.info("sms_already_sent", booking_id=confirmation.booking_id, phone=masked)
@@ -327,7 +310,7 @@ class Notifier:
         log.error(
             "sms_rejected",
             booking_id=confirmation.booking_id,
-            phone=mask_phone(confirmation.phone),
+            phone=kit.mask_phone(confirmation.phone),
             status=exc.status,
             error=str(exc),
         )

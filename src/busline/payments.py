@@ -30,21 +30,22 @@ Environment:
 | `BUSLINE_RECONCILE_INTERVAL_S` | `600` | seconds between reconciliation runs |
 | `BUSLINE_MPESA_SHORTCODE` | `174379` | the Daraja business shortcode |
 | `BUSLINE_MPESA_PASSKEY` | the simulator's | the Daraja passkey (a secret: never logged) |
+
+The providers' APIs themselves (requests, answers, callbacks and their result codes) are in
+`busline.provider_api`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -62,6 +63,7 @@ from starlette.routing import Route
 
 import lookout.sdk
 from busline import db, kit
+from busline.provider_api import ProviderClient, ProviderFailureError, parse_callback
 
 NAME = "payments"
 log = lookout.sdk.get_logger("busline.payments")
@@ -90,6 +92,11 @@ callback_delay = lookout.sdk.histogram(
     "Seconds from a payment's initiation to its provider's callback.",
     ["provider"],
     buckets=(1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 120),
+)
+refunds_required = lookout.sdk.counter(
+    "payment_refunds_required_total",
+    "Payments ticketing refused to honour (the hold was lost): the money needs a refund.",
+    ["provider"],
 )
 pending_gauge = lookout.sdk.gauge("payments_pending", "Payments waiting for the provider's answer.")
 
@@ -152,7 +159,33 @@ payments_table = sa.Table(
     sa.UniqueConstraint("user_id", "idempotency_key", name="uq_payments_user_key"),
     sa.Index("ix_payments_status_created", "status", "created_at"),
 )
-MIGRATIONS: list[db.Migration] = [(1, db.create_tables(metadata, "payments"))]
+# One payment in flight or paid per booking: a second buy with another Idempotency-Key
+# (a double tap, two tabs) must not charge the customer twice.
+_one_live_payment = sa.Index(
+    "uq_payments_live_booking",
+    payments_table.c.booking_id,
+    unique=True,
+    sqlite_where=payments_table.c.status.in_(("pending", "succeeded")),
+    postgresql_where=payments_table.c.status.in_(("pending", "succeeded")),
+)
+
+
+def _create_live_booking_index(conn: sa.Connection) -> None:
+    _one_live_payment.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[db.Migration] = [
+    (1, db.create_tables(metadata, "payments")),
+    (2, _create_live_booking_index),
+]
+
+
+class BookingBusyError(Exception):
+    """The booking already has a payment in flight, or paid (`payment_id` names it)."""
+
+    def __init__(self, payment_id: str | None) -> None:
+        super().__init__(payment_id)
+        self.payment_id = payment_id
 
 
 @dataclass(frozen=True)
@@ -196,205 +229,6 @@ class Payment:
             "booking_id": self.booking_id,
             "amount_kes": self.amount_kes,
         }
-
-
-# ---------------------------------------------------------------- the providers' APIs
-
-
-class ProviderFailureError(Exception):
-    """A call to a provider failed; `result` is its outcome in the taxonomy."""
-
-    def __init__(self, result: str, detail: str) -> None:
-        super().__init__(f"{result}: {detail}")
-        self.result = result
-        self.detail = detail
-
-
-MPESA_RESULTS = {0: "success", 1032: "user_cancelled", 1: "insufficient_funds", 1037: "timeout"}
-AIRTEL_RESULTS = {
-    "DP00800001008": "user_cancelled",
-    "DP00800001007": "insufficient_funds",
-    "DP00800001024": "timeout",
-}
-CARD_RESULTS = {
-    "authentication_abandoned": "user_cancelled",
-    "insufficient_funds": "insufficient_funds",
-    "authentication_timeout": "timeout",
-}
-
-
-def mpesa_result(code: Any) -> str:
-    try:
-        return MPESA_RESULTS.get(int(code), "provider_error")
-    except (TypeError, ValueError):
-        return "provider_error"
-
-
-def airtel_result(status: Any, response_code: Any) -> str | None:
-    """The outcome of an Airtel transaction status, or None while it is in progress."""
-    if status == "TS":
-        return "success"
-    if status == "TF":
-        return AIRTEL_RESULTS.get(str(response_code), "provider_error")
-    return None
-
-
-def card_result(status: Any, failure_code: Any) -> str | None:
-    if status == "succeeded":
-        return "success"
-    if status == "failed":
-        return CARD_RESULTS.get(str(failure_code), "provider_error")
-    return None
-
-
-def _invalid_callback(field: str) -> kit.Invalid:
-    return kit.Invalid(field, "missing or not in the provider's callback shape")
-
-
-def parse_callback(provider: str, body: Mapping[str, Any]) -> tuple[str, str | None]:
-    """(provider request id, result or None for an interim status) of a callback body."""
-    if provider == "mpesa":
-        stk = (
-            body.get("Body", {}).get("stkCallback") if isinstance(body.get("Body"), dict) else None
-        )
-        if not isinstance(stk, dict) or not isinstance(stk.get("CheckoutRequestID"), str):
-            raise _invalid_callback("Body.stkCallback.CheckoutRequestID")
-        if isinstance(stk.get("ResultCode"), bool) or not isinstance(stk.get("ResultCode"), int):
-            raise _invalid_callback("Body.stkCallback.ResultCode")
-        return stk["CheckoutRequestID"], mpesa_result(stk["ResultCode"])
-    if provider == "airtel":
-        tx = body.get("transaction")
-        if not isinstance(tx, dict) or not isinstance(tx.get("id"), str):
-            raise _invalid_callback("transaction.id")
-        return tx["id"], airtel_result(tx.get("status_code"), tx.get("response_code"))
-    data = body.get("data")
-    charge = data.get("object") if isinstance(data, dict) else None
-    if not isinstance(charge, dict) or not isinstance(charge.get("id"), str):
-        raise _invalid_callback("data.object.id")
-    return charge["id"], card_result(charge.get("status"), charge.get("failure_code"))
-
-
-PHONE = re.compile(r"\+?\d{9,15}")
-
-
-def normalise_phone(raw: str) -> str:
-    """Digits only, Kenyan numbers as 254XXXXXXXXX (07.. and 01.. become 2547.., 2541..)."""
-    digits = re.sub(r"[\s-]", "", raw).lstrip("+")
-    if len(digits) == 10 and digits.startswith("0"):
-        return "254" + digits[1:]
-    return digits
-
-
-class ProviderClient:
-    """The three payment APIs of the outside world, as payments speaks them."""
-
-    def __init__(self, client: httpx.AsyncClient, settings: Settings) -> None:
-        self.client = client
-        self.settings = settings
-
-    async def _send(self, method: str, path: str, body: Any = None, **kw: Any) -> httpx.Response:
-        try:
-            base = kit.url_of("providers")
-        except kit.Unavailable as exc:
-            raise ProviderFailureError("provider_unreachable", str(exc)) from None
-        try:
-            response = await self.client.request(method, base + path, json=body, **kw)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise ProviderFailureError("provider_unreachable", type(exc).__name__) from None
-        except httpx.TimeoutException as exc:
-            raise ProviderFailureError("timeout", type(exc).__name__) from None
-        except httpx.TransportError as exc:
-            raise ProviderFailureError("provider_error", type(exc).__name__) from None
-        return response
-
-    @staticmethod
-    def _check(response: httpx.Response) -> dict[str, Any]:
-        detail = response.text[:200]
-        if response.status_code >= 500:
-            raise ProviderFailureError("provider_error", f"{response.status_code} {detail}")
-        if response.status_code >= 400:
-            raise ProviderFailureError("rejected", f"{response.status_code} {detail}")
-        try:
-            value = response.json()
-        except ValueError:
-            raise ProviderFailureError("provider_error", "answer is not JSON") from None
-        if not isinstance(value, dict):
-            raise ProviderFailureError("provider_error", "answer is not a JSON object")
-        return value
-
-    def _mpesa_auth(self) -> dict[str, str]:
-        stamp = datetime.now().strftime("%Y%m%d%H%M%S")  # Daraja's local time
-        code = self.settings.mpesa_shortcode
-        password = base64.b64encode(f"{code}{self.settings.mpesa_passkey}{stamp}".encode())
-        return {"BusinessShortCode": code, "Password": password.decode(), "Timestamp": stamp}
-
-    async def push(self, provider: str, payment: Payment, callback_url: str) -> str:
-        """Ask the customer to pay; the provider's request id."""
-        if provider == "mpesa":
-            body = {
-                **self._mpesa_auth(),
-                "TransactionType": "CustomerPayBillOnline",
-                "Amount": payment.amount_kes,
-                "PartyA": payment.phone,
-                "PartyB": self.settings.mpesa_shortcode,
-                "PhoneNumber": payment.phone,
-                "CallBackURL": callback_url,
-                "AccountReference": f"BL{payment.booking_id[:10]}",
-                "TransactionDesc": "Bus ticket",
-            }
-            answer = self._check(await self._send("POST", "/mpesa/stkpush/v1/processrequest", body))
-            request_id = answer.get("CheckoutRequestID")
-        elif provider == "airtel":
-            phone = payment.phone
-            msisdn = phone[3:] if phone.startswith("254") and len(phone) == 12 else phone
-            body = {
-                "reference": f"Bus ticket {payment.booking_id[:20]}",
-                "subscriber": {"country": "KE", "currency": "KES", "msisdn": msisdn},
-                "transaction": {
-                    "amount": payment.amount_kes,
-                    "country": "KE",
-                    "currency": "KES",
-                    "id": payment.payment_id,
-                },
-                "callback_url": callback_url,
-            }
-            headers = {"X-Country": "KE", "X-Currency": "KES"}
-            response = await self._send(
-                "POST", "/airtel/merchant/v1/payments/", body, headers=headers
-            )
-            answer = self._check(response)
-            request_id = answer.get("data", {}).get("transaction", {}).get("id")
-        else:
-            body = {
-                "amount": payment.amount_kes * 100,
-                "currency": "KES",
-                "reference": payment.payment_id,
-                "customer": {"phone": payment.phone},
-                "callback_url": callback_url,
-            }
-            request_id = self._check(await self._send("POST", "/card/v1/charges", body)).get("id")
-        if not isinstance(request_id, str) or not request_id:
-            raise ProviderFailureError(
-                "provider_error", f"{provider} answered without a request id"
-            )
-        return request_id
-
-    async def query(self, provider: str, request_id: str) -> str | None:
-        """The final result the provider reports, or None while it is still pending."""
-        if provider == "mpesa":
-            body = {**self._mpesa_auth(), "CheckoutRequestID": request_id}
-            response = await self._send("POST", "/mpesa/stkpushquery/v1/query", body)
-            if response.status_code == 500 and "500.001.1001" in response.text:
-                return None  # Daraja's "The transaction is being processed"
-            return mpesa_result(self._check(response).get("ResultCode"))
-        if provider == "airtel":
-            path = f"/airtel/standard/v1/payments/{quote(request_id, safe='')}"
-            response = await self._send("GET", path, headers={"X-Country": "KE"})
-            tx = self._check(response).get("data", {}).get("transaction", {})
-            return airtel_result(tx.get("status"), tx.get("response_code"))
-        response = await self._send("GET", f"/card/v1/charges/{quote(request_id, safe='')}")
-        charge = self._check(response)
-        return card_result(charge.get("status"), charge.get("failure_code"))
 
 
 # ---------------------------------------------------------------- the service
@@ -470,12 +304,19 @@ class Payments:
         return self._one(sa.and_(c.provider == provider, c.provider_request_id == request_id))
 
     def insert(self, payment: Payment) -> bool:
-        """Insert `payment`; False when its idempotency key is taken (a duplicate)."""
+        """Insert `payment`; False when its idempotency key is taken (a duplicate),
+        `BookingBusyError` when another key already pays this booking."""
         try:
             with self.engine.begin() as conn:
                 conn.execute(payments_table.insert().values(**asdict(payment)))
         except sa.exc.IntegrityError:
-            return False
+            if self.by_key(payment.user_id, payment.idempotency_key) is not None:
+                return False
+            c = payments_table.c
+            live = self._one(
+                sa.and_(c.booking_id == payment.booking_id, c.status.in_(("pending", "succeeded")))
+            )
+            raise BookingBusyError(live.payment_id if live else None) from None
         return True
 
     def _update(self, payment_id: str, only_pending: bool = False, **values: Any) -> bool:
@@ -617,17 +458,7 @@ class Payments:
         """Make `result` the payment's final result (once: the first caller wins) and tell
         ticketing, in a span that continues the initiating trace and links to `trigger`
         (the callback, poll or reconciliation that learnt the result)."""
-        initiating = payment.initiating_context()
-        parent = trace.set_span_in_context(NonRecordingSpan(initiating)) if initiating else None
-        links = [Link(trigger)] if trigger is not None and trigger.is_valid else []
-        attributes = {
-            "payment.id": payment.payment_id,
-            "payment.provider": payment.provider,
-            "payment.source": source,
-        }
-        with tracer.start_as_current_span(
-            "payment.confirm", context=parent, links=links, attributes=attributes
-        ) as span:
+        with self.continuing(payment, source, trigger) as span:
             status = "succeeded" if result == "success" else "failed"
             won = await run_in_threadpool(
                 self._update,
@@ -653,6 +484,25 @@ class Payments:
             if current.booking_synced_at is None:
                 current = await self.sync_booking(current)
         return current
+
+    @contextlib.contextmanager
+    def continuing(
+        self, payment: Payment, source: str, trigger: SpanContext | None
+    ) -> Iterator[trace.Span]:
+        """A `payment.confirm` span continuing the payment's initiating trace, linked to
+        `trigger`: whatever learnt the result, the buy's `X-Trace-Id` leads to the rest."""
+        initiating = payment.initiating_context()
+        parent = trace.set_span_in_context(NonRecordingSpan(initiating)) if initiating else None
+        links = [Link(trigger)] if trigger is not None and trigger.is_valid else []
+        attributes = {
+            "payment.id": payment.payment_id,
+            "payment.provider": payment.provider,
+            "payment.source": source,
+        }
+        with tracer.start_as_current_span(
+            "payment.confirm", context=parent, links=links, attributes=attributes
+        ) as span:
+            yield span
 
     def _record(self, payment: Payment, source: str) -> None:
         result = str(payment.result)
@@ -700,13 +550,24 @@ class Payments:
                 status=response.status_code,
             )
             return payment
-        if response.status_code >= 400:  # e.g. the hold expired: support must refund
+        if response.status_code == 400:
+            # Our request is wrong (a bug, not a state): keep it for the next try, loudly.
+            log.error(
+                "booking_sync_invalid",
+                payment_id=payment.payment_id,
+                booking_id=payment.booking_id,
+                answer=response.text[:300],
+            )
+            return payment
+        if response.status_code >= 400:  # e.g. the hold was lost: the money needs a refund
+            refunds_required.labels(provider=payment.provider).inc()
             log.warning(
                 "booking_sync_refused",
                 payment_id=payment.payment_id,
                 booking_id=payment.booking_id,
                 status=response.status_code,
                 result=payment.result,
+                refund_required=payment.status == "succeeded",
             )
         synced_at = self.clock()
         await run_in_threadpool(self._update, payment.payment_id, booking_synced_at=synced_at)
@@ -734,8 +595,10 @@ class Payments:
                 await self.poll(payment, "reconciliation")
             except ProviderFailureError as failure:
                 failures.append(f"{payment.payment_id}: {failure}")
+        trigger = _current_context()
         for payment in unsynced:
-            synced = await self.sync_booking(payment)
+            with self.continuing(payment, "reconciliation", trigger):
+                synced = await self.sync_booking(payment)
             if synced.booking_synced_at is None:
                 failures.append(f"{payment.payment_id}: ticketing not told")
         if failures:
@@ -814,13 +677,8 @@ async def create_payment(request: Request) -> JSONResponse:
         check=lambda v: BOOKING_ID.fullmatch(v) is not None,
         hint="is not a booking id",
     )
-    raw_phone = kit.text_field(
-        data,
-        "phone",
-        max_len=20,
-        check=lambda v: PHONE.fullmatch(re.sub(r"[\s-]", "", v)) is not None,
-        hint="must be a phone number such as 2547XXXXXXXX or 07XXXXXXXX",
-    )
+    # The one rule every service uses: a number ticketing and the SMS gateway take too.
+    phone = kit.phone_field(data)
     provider = kit.text_field(data, "provider", required=False, choices=kit.PROVIDERS)
     lookout.sdk.set_user(user_id)
     lookout.sdk.bind(booking_id=booking_id)
@@ -830,7 +688,16 @@ async def create_payment(request: Request) -> JSONResponse:
         if isinstance(booking, JSONResponse):
             return booking
         route = [provider] if provider else service.control.payment_route()
-        payment = await service.start(user_id, key, booking, normalise_phone(raw_phone), route)
+        try:
+            payment = await service.start(user_id, key, booking, phone, route)
+        except BookingBusyError as busy:
+            return kit.error(
+                409,
+                "booking_already_paying",
+                "This booking already has a payment in progress or paid.",
+                field="booking_id",
+                payment_id=busy.payment_id,
+            )
     else:
         payment = await service.replay(user_id, key)
     if payment.booking_id != booking_id:

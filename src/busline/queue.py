@@ -1,10 +1,11 @@
 """Message queues: one asyncio `Broker` interface, two brokers behind it.
 
-- **RabbitMQ** (`BUSLINE_AMQP_URL` set), through aio-pika: durable classic queues,
-  persistent messages carrying an AMQP `timestamp` (so `rabbitmq_prometheus` can report
-  the head message's age), publisher confirms, manual acks, a prefetch window, and a
-  `nack` with requeue when a handler raises. A consumer whose connection drops
-  reconnects with backoff; RabbitMQ redelivers what it had not acked.
+- **RabbitMQ** (`BUSLINE_AMQP_URL` set), through aio-pika, in `busline.rabbit`: durable
+  classic queues, persistent messages carrying an AMQP `timestamp` (so
+  `rabbitmq_prometheus` can report the head message's age), publisher confirms, manual
+  acks, a prefetch window, and a `nack` with requeue when a handler raises. A consumer
+  whose connection drops reconnects with backoff; RabbitMQ redelivers what it had not
+  acked. `RabbitBroker` is importable from here too; `busline.rabbit` is loaded on first use.
 - **Embedded** (the default): one SQLite file, `$BUSLINE_STATE/queue/broker.sqlite` (WAL,
   busy timeout, synchronous=FULL), shared by every process of the platform: ticketing
   publishes, the notifier consumes, the supervisor reads the depth. A consumer claims a
@@ -53,11 +54,10 @@ import socket
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -66,6 +66,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from busline import kit
 from lookout import sdk
+
+if TYPE_CHECKING:
+    from busline.rabbit import RabbitBroker
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -132,8 +135,21 @@ def open_broker(service: str) -> Broker:
     """RabbitMQ when `BUSLINE_AMQP_URL` is set, else the embedded queue in the state dir."""
     url = os.environ.get("BUSLINE_AMQP_URL", "").strip()
     if url:
-        return RabbitBroker(url, connection_name=service)
+        from busline import rabbit  # lazily: busline.rabbit imports this module
+
+        return rabbit.RabbitBroker(url, connection_name=service)
     return EmbeddedBroker()
+
+
+if not TYPE_CHECKING:  # at run time only: mypy types RabbitBroker from the import above
+
+    def __getattr__(name: str) -> Any:
+        """`RabbitBroker` and its redelivery delay, from `busline.rabbit` on first use."""
+        if name in ("RabbitBroker", "RABBIT_REDELIVERY_DELAY_S"):
+            from busline import rabbit
+
+            return getattr(rabbit, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def trace_headers() -> dict[str, str]:
@@ -505,16 +521,26 @@ class EmbeddedBroker:
                 "delivery_count = delivery_count + 1 WHERE id = ?",
                 [(self.owner, now + self.lease_s, row[0]) for row in rows],
             )
-        return [
-            _Claimed(
-                id=int(row[0]),
-                body=_decode_body(row[1]),
-                headers=_text_headers(json.loads(row[2])),
-                enqueued_at=float(row[3]),
-                delivery_count=int(row[4]) + 1,
-            )
-            for row in rows
-        ]
+        claimed = []
+        for row in rows:
+            try:
+                claimed.append(
+                    _Claimed(
+                        id=int(row[0]),
+                        body=_decode_body(row[1]),
+                        headers=_text_headers(json.loads(row[2])),
+                        enqueued_at=float(row[3]),
+                        delivery_count=int(row[4]) + 1,
+                    )
+                )
+            except (ValueError, TypeError, RecursionError) as exc:
+                # Publish checks every message, so only a damaged file gets here: a row no
+                # consumer can ever read would stop the queue. Drop it, loudly.
+                log.error(  # noqa: TRY400 - the row is the news, not a traceback
+                    "queue_message_unreadable", queue=queue, message_id=row[0], error=str(exc)
+                )
+                self._ack(int(row[0]))
+        return claimed
 
     def _ack(self, message_id: int) -> None:
         with self._transaction() as db:
@@ -582,13 +608,23 @@ class EmbeddedBroker:
         renew_at = time.monotonic() + renew_every
         try:
             while self._db is not None:
-                claimed = await self._claim_safely(queue, prefetch - len(running))
+                try:
+                    claimed = await self._claim_safely(queue, prefetch - len(running))
+                except sqlite3.OperationalError as exc:
+                    # The file is busy past its timeout (or briefly unreadable): a consumer
+                    # waits and tries again, it never stops.
+                    log.warning("queue_claim_failed", queue=queue, error=str(exc))
+                    await asyncio.sleep(min(5.0, idle_s * 4))
+                    continue
                 for message in claimed:
                     task = asyncio.create_task(self._deliver(queue, message, handler))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 if running and time.monotonic() >= renew_at:
-                    await asyncio.to_thread(self._renew)
+                    try:
+                        await asyncio.to_thread(self._renew)
+                    except sqlite3.OperationalError as exc:
+                        log.warning("queue_lease_renewal_failed", queue=queue, error=str(exc))
                     renew_at = time.monotonic() + renew_every
                 if claimed:
                     idle_s = self.poll_s
@@ -646,244 +682,3 @@ class EmbeddedBroker:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.close_sync)
-
-
-# ---------------------------------------------------------------- the RabbitMQ broker
-
-#: How long a failed message waits before it is nacked back to the queue, so a handler
-#: that always fails does not spin (RabbitMQ requeues at once, to the queue's head).
-RABBIT_REDELIVERY_DELAY_S = 0.5
-
-
-class RabbitBroker:
-    """RabbitMQ through aio-pika (see the module doc)."""
-
-    system = "rabbitmq"
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        connection_name: str = "busline",
-        drain_s: float = 10.0,
-        redelivery_delay_s: float = RABBIT_REDELIVERY_DELAY_S,
-        connect_timeout_s: float = 10.0,
-    ) -> None:
-        if not url.startswith(("amqp://", "amqps://")):
-            raise ValueError(
-                f"AMQP URL {url.rsplit('@', maxsplit=1)[-1]!r} is not valid. "
-                "Expected amqp://user:password@host:5672/vhost."
-            )
-        self.url = url
-        self.connection_name = connection_name
-        self.drain_s = drain_s
-        self.redelivery_delay_s = redelivery_delay_s
-        self.connect_timeout_s = connect_timeout_s
-        self._connection: Any = None
-        self._channel: Any = None
-        self._stats_channel: Any = None
-        self._declared: set[str] = set()
-        self._connect_lock = asyncio.Lock()
-        self._consumers: set[Any] = set()
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    async def _connect(self, role: str) -> Any:
-        import aio_pika
-
-        return await aio_pika.connect(
-            self.url,
-            timeout=self.connect_timeout_s,
-            client_properties={"connection_name": f"{self.connection_name}-{role}"},
-        )
-
-    async def _publish_channel(self) -> Any:
-        """The publishing channel (publisher confirms on), reconnecting when closed."""
-        async with self._connect_lock:
-            if self._connection is None or self._connection.is_closed:
-                self._connection = await self._connect("publisher")
-                self._channel = None
-                self._stats_channel = None
-                self._declared.clear()
-            if self._channel is None or self._channel.is_closed:
-                self._channel = await self._connection.channel(publisher_confirms=True)
-                self._declared.clear()
-            return self._channel
-
-    async def _declare(self, channel: Any, queue: str) -> None:
-        if queue not in self._declared:
-            await channel.declare_queue(queue, durable=True)
-            self._declared.add(queue)
-
-    async def publish(self, queue: str, body: dict[str, Any], headers: dict[str, str]) -> None:
-        import aio_pika
-        from aiormq import spec
-
-        payload, outgoing = encode_message(queue, body, headers)
-        channel = await self._publish_channel()
-        await self._declare(channel, queue)
-        with _producer_span(queue, outgoing, self.system):
-            message = aio_pika.Message(
-                payload,
-                headers=dict(outgoing),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                timestamp=time.time(),
-                message_id=uuid.uuid4().hex,
-            )
-            # The underlying channel: aio-pika's instrumented Exchange.publish would add
-            # a second PRODUCER span around this one.
-            underlay = await channel.get_underlay_channel()
-            confirmation = await underlay.basic_publish(
-                message.body,
-                exchange="",
-                routing_key=queue,
-                properties=message.properties,
-                mandatory=True,
-                timeout=self.connect_timeout_s,
-            )
-            if not isinstance(confirmation, spec.Basic.Ack):
-                raise BrokerError(
-                    f"RabbitMQ did not confirm a message to queue {queue!r} "
-                    f"(answered {type(confirmation).__name__}); publish it again."
-                )
-
-    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 10) -> None:
-        import aiormq
-
-        _check_queue(queue)
-        _check_prefetch(prefetch)
-        backoff_s = 0.5
-        while not self._closed:
-            try:
-                await self._consume_connected(queue, handler, prefetch)
-                backoff_s = 0.5
-            except (aiormq.exceptions.AMQPError, OSError, ConnectionError) as exc:
-                if self.closed:
-                    return
-                log.warning(
-                    "queue_consumer_reconnecting",
-                    queue=queue,
-                    error_type=type(exc).__qualname__,
-                    error=str(exc)[:300],
-                    retry_in_s=backoff_s,
-                )
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 10.0)
-
-    async def _consume_connected(self, queue: str, handler: Handler, prefetch: int) -> None:
-        """Consume on one connection until it closes (raises ConnectionError) or the task
-        is cancelled (stops deliveries, drains, raises CancelledError)."""
-        import aio_pika
-        from aiormq.abc import DeliveredMessage
-
-        connection = await self._connect("consumer")
-        self._consumers.add(connection)
-        running: set[asyncio.Task[None]] = set()
-        try:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=prefetch)
-            await channel.declare_queue(queue, durable=True)
-            underlay = await channel.get_underlay_channel()
-
-            async def on_message(delivered: DeliveredMessage) -> None:
-                message = aio_pika.IncomingMessage(delivered, no_ack=False)
-                task = asyncio.create_task(self._deliver(queue, message, handler))
-                running.add(task)
-                task.add_done_callback(running.discard)
-
-            # The underlying channel: aio-pika's instrumented Queue.consume would wrap
-            # each delivery in a CONSUMER span of its own.
-            consume_ok = await underlay.basic_consume(queue, on_message, no_ack=False)
-            log.info("queue_consumer_started", queue=queue, prefetch=prefetch)
-            closed = [
-                asyncio.ensure_future(channel.closed()),
-                asyncio.ensure_future(connection.closed()),
-            ]
-            try:
-                await asyncio.wait(closed, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await underlay.basic_cancel(consume_ok.consumer_tag)
-                await _drain(running, self.drain_s)
-                raise
-            finally:
-                for waiter in closed:
-                    waiter.cancel()
-            for task in list(running):
-                task.cancel()
-            raise ConnectionError(f"the RabbitMQ channel consuming {queue!r} closed")
-        finally:
-            self._consumers.discard(connection)
-            with contextlib.suppress(Exception):
-                await connection.close()
-
-    async def _deliver(self, queue: str, message: Any, handler: Handler) -> None:
-        headers = _text_headers(message.headers)
-        try:
-            body = _decode_body(message.body)
-        except ValueError as exc:
-            log.warning(
-                "message_undecodable", queue=queue, message_id=message.message_id, error=str(exc)
-            )
-            with contextlib.suppress(Exception):
-                await message.reject(requeue=False)
-            return
-        try:
-            await _process(
-                queue,
-                handler,
-                system=self.system,
-                message_id=str(message.message_id or ""),
-                body=body,
-                headers=headers,
-                redelivered=bool(message.redelivered),
-                retry_in_s=self.redelivery_delay_s,
-            )
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            raise
-        except Exception:  # noqa: BLE001 - any handler failure means redelivery (logged)
-            await asyncio.sleep(self.redelivery_delay_s)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-        else:
-            try:
-                await message.ack()
-            except Exception as exc:  # noqa: BLE001 - the broker redelivers an unacked message
-                log.warning("message_ack_failed", queue=queue, error=str(exc)[:300])
-
-    async def stats(self, queue: str) -> QueueStats:
-        """`ready` from a passive declare (0 when the queue does not exist yet); RabbitMQ's
-        own exporter has `unacked` and the head timestamp."""
-        import aiormq
-
-        _check_queue(queue)
-        await self._publish_channel()
-        async with self._connect_lock:
-            if self._stats_channel is None or self._stats_channel.is_closed:
-                self._stats_channel = await self._connection.channel()
-            channel = self._stats_channel
-        try:
-            declared = await channel.declare_queue(queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            self._stats_channel = None  # RabbitMQ closes a channel on a 404
-            return QueueStats(queue=queue, ready=0, unacked=None, head_timestamp=None)
-        count = declared.declaration_result.message_count
-        return QueueStats(queue=queue, ready=int(count or 0), unacked=None, head_timestamp=None)
-
-    async def close(self) -> None:
-        self._closed = True
-        for connection in list(self._consumers):
-            with contextlib.suppress(Exception):
-                await connection.close()
-        connection, self._connection = self._connection, None
-        self._channel = None
-        self._stats_channel = None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()

@@ -40,8 +40,16 @@ BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0
 STOP_GRACE_S = 6.0  # one service asked to stop (restart, deploy)
-STOP_ALL_GRACE_S = 3.5  # everything stopping
+STOP_ALL_GRACE_S = 2.0  # everything stopping
 QUEUES = ("booking.confirmed",)
+OUTSIDERS_NEVER_SEE = (
+    "LOOKOUT_",
+    "OTEL_",
+    "SENTRY_",
+    "BUSLINE_CONTROL_TOKEN",
+    "BUSLINE_DATABASE_URL",
+    "BUSLINE_AMQP_URL",
+)
 RABBITMQ_PROMETHEUS_PORT = 15692
 
 
@@ -123,10 +131,15 @@ class Supervisor:
         launcher = [sys.executable, "-m", "lookout", "run", "--service", name, "--scrape", "auto"]
         if not self.options.echo:
             launcher.append("--no-echo")
+        # When the platform stops, Lookout may be stopping too: one second of retries.
+        launcher.extend(["--exit-grace", "1"])
         return [*launcher, "--", *service]
 
     def env(self, child: Child) -> dict[str, str]:
         env = {**os.environ, **self.options.extra_env}
+        if child.name == "providers":
+            # Outside the company: none of its telemetry settings or credentials.
+            env = {k: v for k, v in env.items() if not k.startswith(OUTSIDERS_NEVER_SEE)}
         env["BUSLINE_STATE"] = str(self.state)
         env["BUSLINE_VERSION"] = child.version
         env["PYTHONUNBUFFERED"] = "1"
@@ -142,23 +155,25 @@ class Supervisor:
             out = (self.logs / f"{child.name}.log").open("ab")
         elif not self.options.echo:
             out = subprocess.DEVNULL
-        child.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            self.command(child.name),
-            env=self.env(child),
-            stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=PREEXEC,  # noqa: PLW1509 - a prctl call, no locks taken
-            start_new_session=True,
-        )
-        if out is not None and out is not subprocess.DEVNULL:
-            out.close()
+        try:
+            child.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                self.command(child.name),
+                env=self.env(child),
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=PREEXEC,  # noqa: PLW1509 - a prctl call, no locks taken
+                start_new_session=True,
+            )
+        finally:
+            if out is not None and out is not subprocess.DEVNULL:
+                out.close()
         child.started_at = time.monotonic()
         child.start_at = None
         child.intentional = False
         self._log(
             "service_started",
-            service=child.name,
+            target=child.name,
             version=child.version,
             pid=child.process.pid,
             port=child.port,
@@ -206,7 +221,7 @@ class Supervisor:
                     self._log(
                         "service_exited",
                         level="warning",
-                        service=child.name,
+                        target=child.name,
                         exit_code=process.returncode,
                         restart_in_s=child.backoff_s,
                     )
@@ -226,7 +241,7 @@ class Supervisor:
 
     def restart(self, name: str, reason: str) -> None:
         child = self.children[name]
-        self._log("service_restart_requested", service=name, reason=reason)
+        self._log("service_restart_requested", target=name, reason=reason)
         child.intentional = True
         self.stop(child)
 
@@ -237,7 +252,7 @@ class Supervisor:
         else:
             child.releases.append(version)
         self._save_releases()
-        self._log("service_deploy", service=name, version=version, reason=reason)
+        self._log("service_deploy", target=name, version=version, reason=reason)
         child.intentional = True
         self.stop(child)
 
@@ -245,7 +260,7 @@ class Supervisor:
         child = self.children[name]
         child.releases.pop()
         self._save_releases()
-        self._log("service_rollback", service=name, version=child.version, reason=reason)
+        self._log("service_rollback", target=name, version=child.version, reason=reason)
         child.intentional = True
         self.stop(child)
         return child.version
@@ -270,6 +285,8 @@ class Supervisor:
     # ------------------------------------------------------------ metrics and logs
 
     def _log(self, event: str, level: str = "info", **fields: Any) -> None:
+        """A line of the supervisor's own (the service it is about is `target`: `service`
+        names whose line it is)."""
         log = self._metrics.get("log")
         if log is not None:
             getattr(log, level)(event, **fields)
@@ -409,7 +426,7 @@ class Supervisor:
         )
         config = uvicorn.Config(api, log_config=None, access_log=False, lifespan="off")
         server = _QuietServer(config)
-        sock = _bind(self.options.control_host, self.options.control_port)
+        sock = kit.bind(self.options.control_host, self.options.control_port)
         kit.write_atomically(
             kit.run_dir() / "supervisor.json",
             {
@@ -436,10 +453,14 @@ class Supervisor:
                 await asyncio.wait_for(done.wait(), timeout=0.5)
         self.stopping = True
         self._log("supervisor_stopping")
-        await asyncio.to_thread(self.stop_all)
         server.should_exit = True
+        await asyncio.to_thread(self.stop_all)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(serving, timeout=3)
+            await asyncio.wait_for(serving, timeout=1)
+        # Our own last telemetry, briefly: Lookout may be stopping as well.
+        from lookout import sdk
+
+        sdk.shutdown(0.5)
         return 0
 
     def stop_all(self) -> None:
@@ -477,16 +498,6 @@ def _quiet_server_class() -> Any:
             yield
 
     return QuietServer
-
-
-def _bind(host: str, port: int) -> Any:
-    import socket
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    return sock
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,11 +1,9 @@
 """Ticketing: trip search, seat holds, bookings, tickets, and the outbox that announces a
 confirmed booking on the queue `booking.confirmed`.
 
-- **Trips** come from the route network (`busline.routes`) for today and the next six days,
-  Nairobi time, in both directions: long intercity roads at 06:30, 09:00, 13:00 and a 21:00
-  night bus, shorter ones every two hours from 06:00 to 18:00, city routes every 30 minutes
-  from 06:00 to 21:00. Trip ids are deterministic (`nairobi-mombasa-out-20261128-0900`) and
-  trips are inserted when missing, so restarts and the day rolling over need nothing.
+- **Trips** are the timetable's (`busline.timetable`: the route network's departures for
+  today and the next six days, Nairobi time, with deterministic ids); a day's trips are
+  inserted when missing, so restarts and the day rolling over need nothing.
 - **A seat hold** is a booking row in status `held` until `hold_expires_at`
   (`BUSLINE_HOLD_TTL_S`, default 600 s). A partial unique index on `(trip_id, seat)` over
   the bookings that are `held` or `confirmed` is what makes two holds of one seat
@@ -37,10 +35,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta
-from typing import Any, Literal
-from zoneinfo import ZoneInfo
+from datetime import date
+from typing import Any
 
 import sqlalchemy as sa
 from opentelemetry import context as otel_context
@@ -54,11 +50,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
 from busline import db, kit, queue, routes
+from busline.timetable import local_time, parse_trip_id, seat_labels, service_window, trips_on
 from lookout import sdk
 
 NAME = "ticketing"
-NAIROBI = ZoneInfo("Africa/Nairobi")
-WINDOW_DAYS = 7
 TOPIC = "booking.confirmed"
 HOLD_TTL_DEFAULT_S = 600.0
 SWEEP_INTERVAL_DEFAULT_S = 60.0
@@ -67,17 +62,7 @@ RELAY_BATCH = 100
 CRASH_EXIT_STATUS = 137
 SWEEPER_JOB = "seat-hold-sweeper"
 
-#: Departures (local time) of an intercity road taking four hours or more, with the night bus.
-LONG_HAUL_DEPARTURES = ("06:30", "09:00", "13:00", "21:00")
-#: Departures of a shorter intercity road.
-SHORT_HAUL_DEPARTURES = ("06:00", "08:00", "10:00", "12:00", "14:00", "16:00", "18:00")
-LONG_HAUL_MIN = 240
-#: City routes: every 30 minutes from 06:00 to 21:00.
-CITY_DEPARTURES = tuple(f"{m // 60:02d}:{m % 60:02d}" for m in range(6 * 60, 21 * 60 + 1, 30))
-
-SEAT_LETTERS = "ABCD"
 ACTIVE = ("held", "confirmed")
-PHONE = re.compile(r"^(?:\+?254|0)([17]\d{8})$")
 TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,80}$")
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 OUTCOME = re.compile(r"^[a-z_]{1,40}$")
@@ -100,115 +85,12 @@ for _result in ("held", "conflict", "expired"):
     seat_holds.labels(result=_result)
 
 
-# ---------------------------------------------------------------- the timetable (pure)
-
-Direction = Literal["out", "back"]
-
-
-@dataclass(frozen=True)
-class Trip:
-    trip_id: str
-    route_id: str
-    direction: Direction
-    origin: str
-    destination: str
-    service_date: str
-    departs_at: int
-    arrives_at: int
-    seats: int
-    fare_kes: int
-
-
-def departures(route: routes.Route) -> tuple[str, ...]:
-    if route.kind == "city":
-        return CITY_DEPARTURES
-    return LONG_HAUL_DEPARTURES if route.duration_min >= LONG_HAUL_MIN else SHORT_HAUL_DEPARTURES
-
-
-def trip_id_of(route_id: str, direction: Direction, day: date, hhmm: str) -> str:
-    return f"{route_id}-{direction}-{day:%Y%m%d}-{hhmm.replace(':', '')}"
-
-
-def trip_of(route: routes.Route, direction: Direction, day: date, hhmm: str) -> Trip:
-    hour, minute = (int(part) for part in hhmm.split(":"))
-    departs = datetime(day.year, day.month, day.day, hour, minute, tzinfo=NAIROBI)
-    origin, destination = (
-        (route.origin, route.destination)
-        if direction == "out"
-        else (route.destination, route.origin)
-    )
-    departs_at = int(departs.timestamp())
-    return Trip(
-        trip_id=trip_id_of(route.id, direction, day, hhmm),
-        route_id=route.id,
-        direction=direction,
-        origin=origin,
-        destination=destination,
-        service_date=day.isoformat(),
-        departs_at=departs_at,
-        arrives_at=departs_at + route.duration_min * 60,
-        seats=route.seats,
-        fare_kes=route.fare_kes,
-    )
-
-
-def trips_on(day: date) -> list[Trip]:
-    """Every trip of the network on `day`, both directions."""
-    return [
-        trip_of(route, direction, day, hhmm)
-        for route in routes.ROUTES
-        for direction in ("out", "back")
-        for hhmm in departures(route)
-    ]
-
-
-def parse_trip_id(trip_id: str) -> Trip | None:
-    """The trip a well-formed id names (whether or not it is in the database), else None."""
-    parts = trip_id.rsplit("-", 3)
-    if len(parts) != 4:
-        return None
-    route_id, direction, day_text, hhmm = parts
-    route = routes.BY_ID.get(route_id)
-    if route is None or direction not in ("out", "back") or len(hhmm) != 4:
-        return None
-    try:
-        day = datetime.strptime(day_text, "%Y%m%d").date()
-    except ValueError:
-        return None
-    time_text = f"{hhmm[:2]}:{hhmm[2:]}"
-    if time_text not in departures(route):
-        return None
-    return trip_of(route, "out" if direction == "out" else "back", day, time_text)
-
-
-def seat_labels(count: int) -> list[str]:
-    """Seat names row by row, four to a row: 1A, 1B, 1C, 1D, 2A ..."""
-    return [
-        f"{n // len(SEAT_LETTERS) + 1}{SEAT_LETTERS[n % len(SEAT_LETTERS)]}" for n in range(count)
-    ]
-
-
-def service_window(now: float) -> list[date]:
-    """Today (Nairobi) and the next six days: the dates trips can be searched and booked."""
-    today = datetime.fromtimestamp(now, NAIROBI).date()
-    return [today + timedelta(days=n) for n in range(WINDOW_DAYS)]
-
-
-def local_time(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, NAIROBI).isoformat(timespec="seconds")
+# ---------------------------------------------------------------- request values
 
 
 def is_token(value: str) -> bool:
     """An id we accept from a caller: 1-80 letters, digits or `_.:-`."""
     return TOKEN.match(value) is not None
-
-
-def normalise_phone(value: str) -> str | None:
-    """A Kenyan mobile number as 2547XXXXXXXX / 2541XXXXXXXX, or None."""
-    found = PHONE.match(value.replace(" ", "").replace("-", ""))
-    return f"254{found.group(1)}" if found else None
 
 
 # ---------------------------------------------------------------- the database
@@ -313,18 +195,7 @@ class RefusedError(Exception):
 
 
 def env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ValueError(
-            f"{name} has value {raw!r}. Expected seconds above 0, such as {default:g}."
-        )
-    return value
+    return kit.env_number(os.environ, name, default, low=0.001, high=1e9, unit="seconds")
 
 
 def _unsampled() -> otel_context.Context:
@@ -822,7 +693,8 @@ class Ticketing:
                 self._wake.clear()  # before reading: a confirm committing meanwhile wakes us again
                 try:
                     if broker is None:
-                        broker = open_broker()
+                        # Opening the embedded broker touches its file: off the loop.
+                        broker = await asyncio.to_thread(open_broker)
                     await self.relay_once(broker)
                     failures = 0
                 except Exception as exc:  # the relay retries; the rows stay unsent
@@ -971,9 +843,6 @@ def _search_date(request: Request, now: float) -> date:
 def create_app(clock: Callable[[], float] = time.time) -> Starlette:
     service = Ticketing(clock)
 
-    async def healthz(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "service": NAME, "version": kit.version()})
-
     def search_trips(request: Request) -> JSONResponse:
         now = clock()
         origin = kit.query_text(request, "from", max_len=60)
@@ -1027,10 +896,7 @@ def create_app(clock: Callable[[], float] = time.time) -> Starlette:
     async def confirm(request: Request) -> JSONResponse:
         booking_id = _path_id(request, "booking_id")
         body = await kit.json_object(request)
-        phone = kit.text_field(body, "phone", max_len=20)
-        normalised = normalise_phone(phone)
-        if normalised is None:
-            raise kit.Invalid("phone", "must be a Kenyan mobile number: 2547XXXXXXXX or 07XXXXXXXX")
+        normalised = kit.phone_field(body)
         payment = {
             "payment_id": kit.text_field(body, "payment_id", max_len=80, check=is_token),
             "provider": kit.text_field(body, "provider", choices=kit.PROVIDERS),
@@ -1064,7 +930,7 @@ def create_app(clock: Callable[[], float] = time.time) -> Starlette:
 
     app = Starlette(
         routes=[
-            HttpRoute("/healthz", healthz),
+            HttpRoute("/healthz", kit.healthz(NAME)),
             HttpRoute("/trips", search_trips),
             HttpRoute("/trips/{trip_id}", get_trip),
             HttpRoute("/bookings", create_booking, methods=["POST"]),

@@ -107,9 +107,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 2
     url = args.url or os.environ.get("LOOKOUT_URL") or "http://127.0.0.1:8686"
     token = args.token or os.environ.get("LOOKOUT_TOKEN") or None
+    if not 0 <= args.exit_grace <= 3600:
+        print("lookout run: --exit-grace must be 0..3600 seconds", file=sys.stderr)
+        return 2
     options = RunOptions(
-        command, url, token, args.service, echo=not args.no_echo, scrape=args.scrape
-    )
+        command, url, token, args.service, echo=not args.no_echo, scrape=args.scrape,
+        exit_grace_s=args.exit_grace,
+    )  # fmt: skip
     return run(options)
 
 
@@ -183,12 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a command and ship its stdout and stderr lines to the server",
         usage="lookout run [--service NAME] [--scrape auto|URL] [--url URL] [--token TOKEN] "
-        "[--no-echo] -- CMD ...",
+        "[--no-echo] [--exit-grace S] -- CMD ...",
     )
     run.add_argument("--service", help="service name of the lines (default: the command's name)")
     run.add_argument("--url", help="server URL (default: LOOKOUT_URL, else http://127.0.0.1:8686)")
     run.add_argument("--token", help="ingest credential (default: LOOKOUT_TOKEN)")
     run.add_argument("--no-echo", action="store_true", help="do not copy the lines to our output")
+    run.add_argument(
+        "--exit-grace",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="after CMD exits, keep trying to deliver what is left for S seconds (default 5)",
+    )
     run.add_argument(
         "--scrape",
         metavar="auto|URL",

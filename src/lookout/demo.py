@@ -137,9 +137,10 @@ class Demo:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.port = free_port(args.port)
+        self.otlp_port = free_port(4318)  # OTLP/HTTP's standard port when free
         self.server = f"http://127.0.0.1:{self.port}"
         self.tty = sys.stdout.isatty()
-        self.scrub_key = os.environ.get("LOOKOUT_SCRUB_KEY", "lookout-demo")
+        self.scrub_key = os.environ.get("LOOKOUT_SCRUB_KEY") or _scrub_key(self.root)
 
     def spawn(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log: IO[bytes] = (self.logs / f"{name}.log").open("ab")
@@ -190,6 +191,8 @@ class Demo:
                 "server",
                 "--port",
                 str(self.port),
+                "--otlp-port",
+                str(self.otlp_port),
                 "--data-dir",
                 str(self.root / "store"),
             ],
@@ -206,6 +209,8 @@ class Demo:
             "--scrape",
             "auto",
             "--no-echo",
+            "--exit-grace",
+            "0.5",
             "--",
             python,
             "-m",
@@ -249,6 +254,7 @@ class Demo:
     def components(self) -> list[tuple[str, str]]:
         rows = [
             ("lookout", f"{self.server}  (read API /api/lookout, Prometheus API /api/v1)"),
+            ("otlp", f"http://127.0.0.1:{self.otlp_port}  (OTLP/HTTP /v1/traces, /v1/logs)"),
         ]
         for name in ("gateway", "auth", "ticketing", "payments", "fleet", "providers"):
             found = _read_json(self.state / "run" / f"{name}.json")
@@ -277,7 +283,10 @@ class Demo:
         self.start()
         import httpx
 
-        client = httpx.Client()
+        with httpx.Client() as client:
+            return self._watch(client, started)
+
+    def _watch(self, client: httpx.Client, started: float) -> int:
         shown = False
         flowing_at: float | None = None
         last_plain = 0.0
@@ -327,6 +336,21 @@ class Demo:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
+
+
+def _scrub_key(root: Path) -> str:
+    """The demo's phone-hash key: random, made once per data directory and kept there, so
+    hashes stay comparable across runs and nobody else knows it."""
+    import secrets
+
+    path = root / "scrub.key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        key = secrets.token_hex(32)
+        path.write_text(key)
+        path.chmod(0o600)
+        return key
 
 
 def _read_json(path: Path) -> Any:

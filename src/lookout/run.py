@@ -37,9 +37,7 @@ FORWARDED = (
 BUFFER_LINES = 50_000
 BATCH_LINES = 1000
 BATCH_WAIT_S = 0.2
-# After the child exits, how long delivery of what is left may go on: short enough that a
-# supervisor stopping its services (or dying) is not kept waiting by a server that is down.
-FLUSH_AT_EXIT_S = 2.5
+FLUSH_AT_EXIT_S = 5.0
 MAX_BACKOFF_S = 10.0
 MAX_LINE_BYTES = 256 * 1024
 
@@ -60,6 +58,7 @@ class RunOptions:
     echo: bool = True
     buffer_lines: int = BUFFER_LINES
     scrape: str | None = None  # "auto": the SDK's reported metrics address; or a URL
+    exit_grace_s: float = FLUSH_AT_EXIT_S  # after the child exits, delivery retries this long
 
 
 class MultilineJoiner:
@@ -181,7 +180,6 @@ class Shipper:
         self.give_up_at = 0.0  # set by stop(): when undeliverable lines are given up
         self.sent_lines = 0
         self.warned_at = 0.0
-        self.refused = False  # the last attempt found nothing listening
 
     def run(self) -> None:
         backoff = 0.25
@@ -202,11 +200,9 @@ class Shipper:
             self.buffer.give_back(lines, dropped)
             if self.stopping.is_set():
                 # The child has exited: keep trying until the grace period is over (a
-                # server that is busy, or restarting, still gets the last lines); when
-                # nothing listens at all, the server is gone: waiting would only hold up
-                # whoever is stopping us.
+                # server that is only now coming up still gets the last lines).
                 left = self.give_up_at - time.monotonic()
-                if left <= 0 or self.refused:
+                if left <= 0:
                     return
                 time.sleep(min(backoff, left, 0.5))
             else:
@@ -229,10 +225,8 @@ class Shipper:
         try:
             response = self.client.post(self.endpoint, json=body)
         except httpx.HTTPError as exc:
-            self.refused = isinstance(exc, httpx.ConnectError)
             self.warn(f"cannot reach {self.endpoint}: {exc}")
             return False
-        self.refused = False
         if response.status_code >= 500 or response.status_code == 429:
             self.warn(f"{self.endpoint} answered {response.status_code}; retrying")
             return False
@@ -372,13 +366,13 @@ def run(options: RunOptions) -> int:
         thread.start()
     code = child.wait()
     for thread in readers:
-        thread.join(FLUSH_AT_EXIT_S)
+        thread.join(options.exit_grace_s)
     for echo in echoes:
         if echo is not None:
             echo.close(1.0)
-    shipper.stop(FLUSH_AT_EXIT_S)
+    shipper.stop(options.exit_grace_s)
     buffer.ready.set()
-    shipping.join(FLUSH_AT_EXIT_S + 1.0)
+    shipping.join(options.exit_grace_s + 1.0)
     for signum, handler in previous.items():
         signal.signal(signum, handler)
     if len(buffer) or buffer.dropped:

@@ -14,12 +14,15 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sentry_sdk.envelope import Envelope
 
+from lookout.ingest.bodies import decompress
 from tests.support import ROOT, wait_until
 
 #: Telemetry goes nowhere in service unit tests (the end-to-end tests run a real server).
@@ -129,6 +132,46 @@ class Platform:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+
+
+class Envelopes:
+    """A Sentry envelope sink on a real socket: the check-ins it received."""
+
+    def __init__(self) -> None:
+        self.check_ins: list[dict[str, Any]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                body = decompress(body, headers.get("content-encoding", ""))
+                for item in Envelope.deserialize(body).items:
+                    if item.type == "check_in":
+                        sink.check_ins.append(json.loads(item.payload.get_bytes()))
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *_: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.dsn = f"http://public@127.0.0.1:{self.server.server_address[1]}/1"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def statuses(self, job: str | None = None) -> list[str]:
+        """Final check-in statuses (ok, error), of `job` when given, in arrival order."""
+        return [
+            c["status"]
+            for c in self.check_ins
+            if c.get("status") != "in_progress" and job in (None, c.get("monitor_slug"))
+        ]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture

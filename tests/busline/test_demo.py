@@ -35,6 +35,13 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[-80:]
+    except OSError:
+        return "?"
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -101,7 +108,11 @@ def test_the_demo_shows_its_components_and_data_flows_then_dies_with_its_parent(
         os.kill(demo.process.pid, signal.SIGKILL)
         demo.process.wait(5)
         killed = time.monotonic()
-        wait_until(lambda: not any(alive(p) for p in children), 5, "no child to survive")
+        try:
+            wait_until(lambda: not any(alive(p) for p in children), 5, "no child to survive")
+        except AssertionError:
+            left = [_cmdline(p) for p in children if alive(p)]
+            raise AssertionError(f"still running 5 s after the kill: {left}") from None
         assert time.monotonic() - killed <= 5
     finally:
         demo.close()

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +67,8 @@ def busline_up(tmp_path: Path, **env: str) -> Iterator[Up]:
         "LOOKOUT_SCRUB_KEY": "test-key",  # the server's (tests/server/conftest.py)
         "BUSLINE_CALLBACK_DELAY_S": "1,2",
         "BUSLINE_DECLINE_RATE": "0",
+        # Callbacks settle payments here: the status-polling fallback stays out of the way.
+        "BUSLINE_POLL_AFTER_S": "60",
         **env,
     }
     process = subprocess.Popen(
@@ -174,15 +175,18 @@ def check_the_journey_through_lookout(up: Up, journey: journeys.Journey) -> None
 
     # The provider's callback arrived with no context: its own trace, linked to this one.
     spans = trace(server, trace_id)
-    linked = {link["trace_id"] for span in spans for link in span.get("links") or []}
-    callback_traces = linked - {trace_id}
-    assert callback_traces, "the confirmation links to the callback's trace"
-    callback_trace = callback_traces.pop()
+    confirm = [s for s in spans if s["name"] == "payment.confirm"]
+    assert len(confirm) == 1, "one confirmation, continuing the buy's trace"
+    linked = {link["trace_id"] for link in confirm[0].get("links") or []} - {trace_id}
+    assert len(linked) == 1, "the confirmation links to the callback's own trace"
+    callback_trace = linked.pop()
     callback_spans = wait_until(lambda: trace(server, callback_trace), 30, "the callback trace")
-    assert any(
-        link["trace_id"] == trace_id for s in callback_spans for link in s.get("links") or []
-    ), "the callback's trace links back to the buy"
-    assert any(s["service"] == "payments" for s in callback_spans)
+    callback = [s for s in callback_spans if s["name"] == "payment.callback"]
+    assert len(callback) == 1
+    assert callback[0]["service"] == "payments"
+    assert [link["trace_id"] for link in callback[0]["links"]] == [trace_id], (
+        "the callback's span links back to the buy"
+    )
 
     # Business metrics moved, as scraped.
     wait_until(lambda: promql(server, "sum(tickets_sold_total)") >= 1, 60, "tickets_sold_total")
@@ -220,6 +224,12 @@ def test_a_buy_journey_is_followed_through_lookout_on_the_embedded_defaults(
         check_the_journey_through_lookout(up, journey)
         assert journey.booking_id is not None
         wait_until(lambda: sms_for(up, str(journey.booking_id)), 30, "the SMS")
+        # The providers stand outside the company: nothing of theirs reaches Lookout.
+        for kind in ("traces", "logs"):
+            found = httpx.get(f"{up.server.url}/api/lookout/{kind}",
+                              params={"service": "providers", "start": "0"}, timeout=10).json()  # fmt: skip
+            assert not found[kind], found
+        assert not _present(up.server, '{job="providers"}')
         # The fleet reports its buses through Lookout too.
         wait_until(lambda: promql(up.server, "sum(active_buses_count)") >= 30, 60, "the fleet")
         # Queue depth comes from the embedded broker's store, exported by the supervisor.
@@ -243,8 +253,16 @@ def test_a_confirmation_survives_ticketing_dying_between_commit_and_publish(
             "ticketing to be restarted",
         )
         wait_until(lambda: sms_for(up, str(journey.booking_id)), 60, "the SMS after the crash")
-        time.sleep(3)  # a second delivery, if there were one, would have arrived by now
         assert len(sms_for(up, str(journey.booking_id))) == 1
+        # Exactly one send, counted by the notifier itself (the gateway's dedup on
+        # client_ref would hide a second one from the ledger).
+        wait_until(
+            lambda: promql(up.server, 'sum(notifications_sent_total{result="sent"})') == 1,
+            60,
+            "the notifier's count",
+        )
+        assert promql(up.server, 'sum(notifications_sent_total{result="duplicate"})') == 0
+        assert promql(up.server, 'sum(notifications_sent_total{result="failed"})') == 0
         after = up.port_file("ticketing")
         assert after is not None
         assert after["port"] == before["port"], "the port stays"

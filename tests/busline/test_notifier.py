@@ -205,7 +205,7 @@ def test_a_confirmation_is_checked_and_worded_for_the_customer() -> None:
     and phone are needed; a missing or malformed field is named."""
     parsed = notifier.parse_confirmation(confirmation("bk-1", phone="0712 345 678"))
     assert parsed.phone == PHONE
-    assert notifier.mask_phone(PHONE) == "2547****5678"
+    assert kit.mask_phone(PHONE) == "2547****5678"
     assert parsed.sms_text() == (
         "Busline: booking bk-1 is confirmed. Nairobi to Mombasa, seat 12, departs "
         "2026-12-01T08:00:00+03:00. Paid KES 1,500. Safe travels!"
@@ -249,6 +249,7 @@ def test_a_confirmation_sends_exactly_one_sms_and_continues_the_trace(
             OTEL_TRACES_EXPORTER="otlp",
             OTEL_EXPORTER_OTLP_ENDPOINT=sink,
             OTEL_BSP_SCHEDULE_DELAY="100",
+            LOOKOUT_SCRUB="false",  # the masked phone is the notifier's own doing
         )
         wait_until(lambda: gateway.delivered, 15, "the SMS")
         wait_until(lambda: events(proc, "sms_sent"), 10, "sms_sent")

@@ -184,6 +184,32 @@ async def test_a_message_round_trips_and_its_ack_deletes_it(state: Path, queue_n
     await broker.close()
 
 
+async def test_an_unreadable_row_is_dropped_and_the_queue_goes_on(
+    state: Path, queue_name: str
+) -> None:
+    """A row damaged on disk (not JSON) is logged and dropped; the good message behind it
+    is still delivered: one bad row never stops a consumer."""
+    import sqlite3
+
+    broker = EmbeddedBroker()
+    await broker.publish(queue_name, {"n": 1}, {})
+    await broker.publish(queue_name, {"n": 2}, {})
+    with sqlite3.connect(state / "queue" / "broker.sqlite") as db:
+        db.execute(
+            "UPDATE messages SET body = '{not json' WHERE id = (SELECT MIN(id) FROM messages)"
+        )
+    received: list[dict[str, Any]] = []
+
+    async def handle(body: dict[str, Any], _: dict[str, str]) -> None:
+        received.append(body)
+
+    async with consuming(broker, queue_name, handle):
+        await eventually(lambda: received, 5, "the good message")
+        await eventually(lambda: not rows(state), 5, "both rows gone")
+    assert received == [{"n": 2}]
+    await broker.close()
+
+
 async def test_a_handler_exception_redelivers_the_message(state: Path, queue_name: str) -> None:
     """A handler that raises releases the message: it comes back, its delivery count
     grows, and nothing is lost; the next success acks it."""

@@ -223,8 +223,24 @@ def test_every_field_is_checked_and_named(supervised: Supervised) -> None:
         answer = supervised.post(path, body)
         assert answer.status_code == 400, (path, body, answer.text)
         assert answer.json()["field"] == field, answer.text
-    unknown = supervised.post("/control/v1/services/providers/restart", WHO)
-    assert unknown.status_code == 404
+    for name in ("providers", "payments", "moon"):  # not ours; not run here; no such service
+        unknown = supervised.post(f"/control/v1/services/{name}/restart", WHO)
+        assert unknown.status_code == 404, name
+        assert unknown.json()["error"] == "unknown_service"
+    for since in ("nan", "inf", "1e400", "yesterday"):
+        answer = httpx.get(f"{supervised.control}/control/audit", params={"since": since})
+        assert answer.status_code == 400, since
+        assert answer.json()["field"] == "since"
+    nested = supervised.post("/control/v1/maintenance", {**WHO, "scope": "global"})
+    deep = httpx.post(f"{supervised.control}/control/v1/maintenance", content=b"[" * 50_000,
+                      headers={"content-type": "application/json"})  # fmt: skip
+    assert deep.status_code == 400
+    assert nested.json()["field"] == "enabled"
+    nul = supervised.post("/control/v1/maintenance", {**WHO, "actor": "a\x00b", "scope": "global",
+                                                      "enabled": True})  # fmt: skip
+    assert nul.json()["field"] == "actor"
+    assert httpx.get(f"{supervised.control}/control/v2").status_code == 404
+    assert httpx.get(f"{supervised.control}/control/v2").json()["error"] == "not_found"
     not_json = httpx.post(f"{supervised.control}/control/v1/maintenance", content=b"{",
                           headers={"content-type": "application/json"})  # fmt: skip
     assert not_json.status_code == 400
@@ -301,7 +317,9 @@ def test_no_child_outlives_a_killed_supervisor(supervised: Supervised) -> None:
 def test_sigterm_stops_everything_within_ten_seconds(supervised: Supervised) -> None:
     children = supervised.descendants()
     started = time.monotonic()
-    supervised.process.send_signal(signal.SIGINT)
+    supervised.process.send_signal(
+        signal.SIGTERM
+    )  # the demo's Ctrl-C is tests/busline/test_demo.py
     supervised.process.wait(10)
     wait_until(lambda: not any(alive(pid) for pid in children), 10, "every child to exit")
     assert time.monotonic() - started <= 10

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from busline.queue import EmbeddedBroker
-from tests.busline.conftest import Platform, Proc
+from tests.busline.conftest import Envelopes, Platform, Proc
 from tests.support import http_peer, wait_until
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
@@ -399,7 +399,13 @@ def test_sweeper_expires_holds_survives_a_failed_run_and_lost_holds_are_refused(
     """With a 1 s TTL and a 0.3 s sweep: a failing sweep run is logged and the next one
     expires the hold; an expired hold whose seat is free can still be confirmed; one whose
     seat was sold meanwhile answers 409 `hold_lost`."""
-    proc = platform.start("ticketing", BUSLINE_HOLD_TTL_S="1", BUSLINE_SWEEP_INTERVAL_S="0.3")
+    sink = Envelopes()
+    proc = platform.start(
+        "ticketing",
+        BUSLINE_HOLD_TTL_S="1",
+        BUSLINE_SWEEP_INTERVAL_S="0.3",
+        SENTRY_DSN=sink.dsn,
+    )
     url = platform.url("ticketing")
     trip_id = trip("nairobi-nyeri", hhmm="1400")
 
@@ -414,8 +420,15 @@ def test_sweeper_expires_holds_survives_a_failed_run_and_lost_holds_are_refused(
         return [line for line in proc.json_lines() if line.get("event") == "seat_hold_sweep_failed"]
 
     wait_until(failed_runs, 10, "a failed sweep run")
+    # Each run is a Sentry check-in: the failed one says error, so Lookout can alert on it.
+    wait_until(lambda: "error" in sink.statuses("seat-hold-sweeper"), 10, "an error check-in")
     with database(platform) as connection:
         connection.execute("DROP TRIGGER sweeper_fault")
+    errors = len(sink.statuses("seat-hold-sweeper"))
+    wait_until(
+        lambda: "ok" in sink.statuses("seat-hold-sweeper")[errors:], 10, "an ok check-in after"
+    )
+    sink.close()
 
     def stored_status(booking_id: str) -> str:
         with database(platform) as connection:
@@ -478,10 +491,10 @@ def test_crash_between_commit_and_publish_still_publishes_exactly_once(
 # ---------------------------------------------------------------- PostgreSQL
 
 
-def test_holds_and_confirmation_on_postgresql(platform: Platform, postgres_url: str) -> None:
+def test_holds_and_confirmation_on_postgresql(platform: Platform, own_postgres: str) -> None:
     """The same code on PostgreSQL: concurrent holds of a seat have one winner, and the
     confirmation is published from the outbox."""
-    platform.start("ticketing", BUSLINE_DATABASE_URL=postgres_url)
+    platform.start("ticketing", BUSLINE_DATABASE_URL=own_postgres)
     url = platform.url("ticketing")
     trip_id = trip("mombasa-malindi", "back", offset=5, hhmm="1600")
     start = threading.Barrier(6)
