@@ -184,8 +184,9 @@ class SmsGateway:
         self._client = client
         self._base_url = base_url
 
-    async def send(self, to: str, message: str, client_ref: str) -> str:
-        """Send one SMS; the gateway's message id. `SmsUnavailableError` or `SmsRejectedError`."""
+    async def send(self, to: str, message: str, client_ref: str) -> tuple[str, bool]:
+        """Send one SMS: (the gateway's message id, whether the gateway had sent it already
+        under this `client_ref`). `SmsUnavailableError` or `SmsRejectedError`."""
         try:
             url = self._base_url() + SMS_PATH
         except kit.Unavailable as exc:
@@ -211,7 +212,8 @@ class SmsGateway:
         except ValueError:
             data = {}
         message_id = data.get("message_id") if isinstance(data, dict) else None
-        return str(message_id) if message_id is not None else ""
+        replayed = response.headers.get("idempotent-replayed", "").lower() == "true"
+        return (str(message_id) if message_id is not None else ""), replayed
 
 
 # ---------------------------------------------------------------- the worker
@@ -265,7 +267,7 @@ class Notifier:
             log.info("sms_already_sent", booking_id=confirmation.booking_id, phone=masked)
             return
         try:
-            message_id = await self.gateway.send(
+            message_id, replayed = await self.gateway.send(
                 confirmation.phone, confirmation.sms_text(), confirmation.event_id
             )
         except SmsRejectedError as exc:
@@ -282,9 +284,10 @@ class Notifier:
             )
             raise
         await asyncio.to_thread(self.record_sent, confirmation, message_id)
-        notifications_sent.labels(CHANNEL, "sent").inc()
+        # A replay (we died after sending, before recording it): the customer got one SMS.
+        notifications_sent.labels(CHANNEL, "duplicate" if replayed else "sent").inc()
         log.info(
-            "sms_sent",
+            "sms_already_sent" if replayed else "sms_sent",
             booking_id=confirmation.booking_id,
             phone=masked,
             route_id=confirmation.route_id,

@@ -58,9 +58,10 @@ def _handler(gateway: Gateway) -> type[BaseHTTPRequestHandler]:
             with gateway.lock:
                 gateway.requests.append({"path": self.path, "body": body, "headers": headers})
                 failing = gateway.failures.get(ref, 0)
+                replayed = ref in [str(d["body"]["client_ref"]) for d in gateway.delivered]
                 if failing:
                     gateway.failures[ref] = failing - 1
-                elif ref not in [str(d["body"]["client_ref"]) for d in gateway.delivered]:
+                elif not replayed:
                     gateway.delivered.append({"body": body})
                 delay = gateway.delay_s
             if self.path != "/sms/v1/messages":
@@ -70,11 +71,14 @@ def _handler(gateway: Gateway) -> type[BaseHTTPRequestHandler]:
                 self._answer(503, {"error": "gateway_busy"})
                 return
             time.sleep(delay)
-            self._answer(201, {"message_id": f"sms-{ref}"})
+            # As the real gateway (busline.providers): a repeated client_ref is not sent again.
+            self._answer(201, {"message_id": f"sms-{ref}"}, replayed=replayed)
 
-        def _answer(self, status: int, payload: dict[str, Any]) -> None:
+        def _answer(self, status: int, payload: dict[str, Any], replayed: bool = False) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
+            if replayed:
+                self.send_header("Idempotent-Replayed", "true")
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
             self.end_headers()
@@ -368,7 +372,9 @@ def test_sigterm_finishes_the_current_sms_and_sigkill_relies_on_client_ref(
     assert depth(platform).unacked == 1
     gateway.delay_s = 0.0
     proc = start_notifier(platform)
-    wait_until(lambda: events(proc, "sms_sent"), 15, "the redelivered send")
+    # The gateway had sent it before the kill: the redelivery is a replay, counted as such.
+    wait_until(lambda: events(proc, "sms_already_sent"), 15, "the redelivered send")
+    wait_until(lambda: sent_counts(proc) == {"duplicate": 1.0}, 5, "the replay counted")
     wait_until(lambda: depth(platform) == QueueStats(notifier.QUEUE, 0, 0, None), 5, "acks")
     sends = [calm["event_id"], killed["event_id"], killed["event_id"]]
     assert gateway.refs(gateway.requests) == sends
