@@ -98,14 +98,34 @@ def test_status(pytest_code: int) -> int:
     return 0 if pytest_code == 0 else 1
 
 
+def _die_with_us() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when we die, even by kill -9."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+
+
 def cmd_demo(args: list[str]) -> int:
     bootstrap()
     # `lookout demo`: the server, busline and its customers (docs/cli.md). Ctrl-C reaches
-    # the demo too (one process group); it stops everything and so do we.
+    # the demo too (one process group); it stops everything and so do we. If we are killed,
+    # the demo gets SIGTERM and stops everything as well.
+    preexec = _die_with_us if sys.platform.startswith("linux") else None
+    demo = subprocess.Popen(
+        [str(BIN / "python"), "-m", "lookout", "demo", *args],
+        cwd=ROOT,
+        preexec_fn=preexec,  # noqa: PLW1509 - one prctl call
+    )
     try:
-        return run(BIN / "python", "-m", "lookout", "demo", *args, check=False)
+        return demo.wait()
     except KeyboardInterrupt:
-        return 130
+        try:
+            return demo.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            return 130
 
 
 def cmd_lock(_: list[str]) -> int:
