@@ -103,7 +103,29 @@ def start_server(
     probe: str = "/readyz",
 ) -> RunningServer:
     """A real `lookout server`; `verify` is the CA file when it serves HTTPS; `probe` is
-    the path waited for (`/healthz` for a store whose /readyz may say degraded)."""
+    the path waited for (`/healthz` for a store whose /readyz may say degraded). A port
+    that another process took between `free_port()` and the bind is tried again with new
+    ports (twice at most); any other start failure fails at once."""
+    for attempt in range(3):
+        try:
+            return _start_server(data_dir, *args, env=env, verify=verify, probe=probe)
+        except PortTakenError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTakenError(AssertionError):
+    """The server could not bind the port it was given: someone took it meanwhile."""
+
+
+def _start_server(
+    data_dir: Path,
+    *args: str,
+    env: dict[str, str] | None,
+    verify: str | None,
+    probe: str,
+) -> RunningServer:
     port, otlp_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "lookout", "server", "--data-dir", str(data_dir),
@@ -123,12 +145,17 @@ def start_server(
         for raw in process.stdout:
             server.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
 
-    server.drainer = threading.Thread(target=drain, daemon=True)
-    server.drainer.start()
+    drainer = threading.Thread(target=drain, daemon=True)
+    server.drainer = drainer
+    drainer.start()
 
     def ready() -> bool:
         if process.poll() is not None:
-            raise AssertionError("lookout server exited:\n" + "\n".join(server.lines[-30:]))
+            drainer.join(5)
+            output = "\n".join(server.lines)
+            if "address already in use" in output:
+                raise PortTakenError(output[-2000:])
+            raise AssertionError("lookout server exited:\n" + "\n".join(server.lines[-60:]))
         try:
             if verify is not None:
                 url = server.url.replace("http://", "https://")
@@ -141,8 +168,11 @@ def start_server(
     try:
         wait_until(ready, 30, f"lookout server to answer {probe}")
     except BaseException:
-        process.kill()  # never leave a server behind a failed start
+        process.kill()  # never leave a server behind a failed start, nor its pipe open
         process.wait(10)
+        drainer.join(5)
+        if process.stdout is not None:
+            process.stdout.close()
         raise
     return server
 
