@@ -174,6 +174,34 @@ class Envelopes:
         self.server.server_close()
 
 
+def descendants(root: int) -> list[int]:
+    """Every process whose ancestry leads to `root` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == pid]
+        out.extend(children)
+        frontier.extend(children)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @pytest.fixture
 def platform(tmp_path: Path) -> Iterator[Platform]:
     """Busline services on the embedded defaults (SQLite, the embedded queue)."""

@@ -12,27 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+from tests.busline.conftest import alive, descendants
 from tests.support import ROOT, wait_until
 
 FLOWING_WITHIN_S = 60  # the target is 30 s on a warm machine; 2x slack for a loaded CI
-
-
-def descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [p for p, parent in parents.items() if parent == pid]
-        out.extend(children)
-        frontier.extend(children)
-    return out
 
 
 def _cmdline(pid: int) -> str:
@@ -40,14 +23,6 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[-80:]
     except OSError:
         return "?"
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Demo:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.busline.conftest import QUIET
+from tests.busline.conftest import QUIET, alive, descendants
 from tests.support import ROOT, wait_until
 
 WHO = {"actor": "test@busline", "reason": "a test"}
@@ -52,30 +52,7 @@ class Supervised:
         raise AssertionError("the supervisor reported no metrics URL")
 
     def descendants(self) -> list[int]:
-        """Every process whose ancestry leads to the supervisor (from /proc)."""
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        out, frontier = [], [self.process.pid]
-        while frontier:
-            pid = frontier.pop()
-            children = [p for p, parent in parents.items() if parent == pid]
-            out.extend(children)
-            frontier.extend(children)
-        return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return descendants(self.process.pid)
 
 
 @pytest.fixture
