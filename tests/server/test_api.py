@@ -113,6 +113,23 @@ def test_log_search_filters_and_pages_with_a_cursor(seeded: InProcess) -> None:
     assert {r["body"] for r in by_attr["logs"]} == {"line 2", "line 20", "line 22", "line 24"}
 
 
+def test_log_text_search_takes_underscores_and_percent_signs_literally(served: InProcess) -> None:
+    """`_` and `%` are LIKE's wildcards: a search for them must find them, and only them."""
+    bodies = ["payment_attempt_failed", "paymentXattemptXfailed", "done 100% of it", "done 1000"]
+    logs = [
+        LogRecord(NOW - i * 10**9, "payments", "info", 9, body) for i, body in enumerate(bodies)
+    ]
+    served.runtime.writer.submit(Batch(logs=logs)).result(10)
+
+    def found(text: str) -> set[str]:
+        answer = served.client.get("/api/lookout/logs", params={"q": text}).json()["logs"]
+        return {r["body"] for r in answer}
+
+    assert found("payment_attempt_failed") == {"payment_attempt_failed"}
+    assert found("100%") == {"done 100% of it"}
+    assert found("t_a") == {"payment_attempt_failed"}
+
+
 def test_a_phone_number_search_matches_through_the_msisdn_hash(seeded: InProcess) -> None:
     for form in ("0712345678", "+254 712 345 678", "254712345678"):
         found = seeded.client.get("/api/lookout/logs", params={"phone": form}).json()["logs"]

@@ -181,7 +181,10 @@ def search_logs(
             where.append(f"{column} = ?")
             params.append(value)
     if text:
-        where.append("(body ILIKE ? OR CAST(attributes AS VARCHAR) ILIKE ?)")
+        # DuckDB's LIKE has no escape character unless one is named.
+        where.append(
+            "(body ILIKE ? ESCAPE '\\' OR CAST(attributes AS VARCHAR) ILIKE ? ESCAPE '\\')"
+        )
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         params.extend([pattern, pattern])
     for key, value in (attributes or {}).items():
