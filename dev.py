@@ -88,7 +88,18 @@ def cmd_test(args: list[str]) -> int:
     step("mypy (strict, src/)")
     run(BIN / "mypy")
     step("pytest")
-    return test_status(run(BIN / "python", "-m", "pytest", *args, check=False))
+    return test_status(run(BIN / "python", "-m", "pytest", *parallel(args), *args, check=False))
+
+
+def parallel(args: list[str]) -> list[str]:
+    """Two pytest workers (`LOOKOUT_TEST_WORKERS`), each taking whole files: most tests
+    wait on processes they start rather than compute. `-n` given, or 1 worker: as asked."""
+    if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in args):
+        return []
+    workers = os.environ.get("LOOKOUT_TEST_WORKERS", "2").strip() or "2"
+    if workers in ("0", "1"):
+        return []
+    return ["-n", workers, "--dist", "loadfile"]
 
 
 def test_status(pytest_code: int) -> int:
