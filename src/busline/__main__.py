@@ -1,6 +1,6 @@
 """`python -m busline up` runs the platform; `python -m busline service NAME` runs one of
 its services (what the supervisor starts, each through `lookout run`); `python -m busline
-load` runs customers' buy journeys through the gateway."""
+load` runs customers' journeys through the gateway (`busline.loadgen`)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,25 @@ def main(argv: list[str] | None = None) -> int:
     service = commands.add_parser("service", help="run one service in the foreground")
     service.add_argument("name", choices=SERVICES)
     up = commands.add_parser("up", help="run every service under the supervisor")
-    commands.add_parser("load", help="run buy journeys through the gateway", add_help=False)
+    commands.add_parser("load", help="run customers' journeys through the gateway", add_help=False)
+    commands.add_parser("fault", help="start, stop and list faults", add_help=False)
+    commands.add_parser("scenario", help="run faults on a timeline", add_help=False)
     from busline import supervisor
 
     supervisor.add_arguments(up)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["load"]:
-        from busline import journeys
+        from busline import loadgen
 
-        return journeys.main(argv[1:])
+        return loadgen.main(argv[1:])
+    if argv[:1] == ["fault"]:
+        from busline import faults
+
+        return faults.main(argv[1:])
+    if argv[:1] == ["scenario"]:
+        from busline import scenarios
+
+        return scenarios.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "service":
         module = importlib.import_module(f"busline.{args.name}")

@@ -81,6 +81,9 @@ def engine_for(service: str, *, pool_size: int = 5, max_overflow: int = 5) -> En
     import lookout.sdk
 
     lookout.sdk.instrument_sqlalchemy(engine, pool_name=service)
+    from busline import fault_agent
+
+    fault_agent.agent().install_db(engine)  # after the SDK's hooks: inside the span
     return engine
 
 

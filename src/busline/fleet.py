@@ -344,12 +344,20 @@ class Settings:
 async def run_clock(fleet: Fleet, settings: Settings) -> None:
     """Advance the fleet every tick by the real time elapsed, scaled; runs until
     cancelled. A failing tick is reported and the next one tried."""
+    from busline import fault_agent
+
+    agent = fault_agent.agent()
+    frozen: set[str] = set()  # buses whose GPS feed a fault stopped
     last = time.monotonic()
     while True:
         await asyncio.sleep(settings.tick_s)
         mono = time.monotonic()
         try:
             now = time.time()
+            feed_down = agent.stale_buses(fleet.buses)
+            if feed_down != frozen:
+                fleet.stale = (fleet.stale - frozen) | feed_down
+                frozen = feed_down
             fleet.advance((mono - last) * settings.time_scale, now)
             publish(fleet, now)
         except Exception as exc:

@@ -158,16 +158,33 @@ def bind(host: str, port: int | None = None) -> socket.socket:
     return sock
 
 
-def serve(service: str, app: Any, host: str = COMPANY_HOST) -> None:
-    """Serve `app` with uvicorn on a bound socket, after reporting the port."""
+def serve(service: str, app: Any, host: str = COMPANY_HOST, *, also: tuple[str, ...] = ()) -> None:
+    """Serve `app` with uvicorn on a bound socket, after reporting the port. Each name in
+    `also` gets a socket (and a port file) of its own, serving the same app: the providers
+    simulator listens once per provider. The fault agent may close and reopen each."""
     import uvicorn
 
-    sock = bind(host)
-    port = int(sock.getsockname()[1])
+    from busline import fault_agent
+
+    names = (service, *also)
+    # BUSLINE_PORT keeps the service's own port over a restart; the others take any port.
+    sockets = [bind(host), *(bind(host, 0) for _ in also)]
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    report_listening(service, host, port)
-    server.run(sockets=[sock])
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            agent = fault_agent.agent()
+            for index, name in enumerate(names):
+                agent.add_listener(fault_agent.Listener(name, loop, self, index))
+
+    server = Server(config)
+    for name, sock in zip(names, sockets, strict=True):
+        report_listening(name, host, int(sock.getsockname()[1]))
+    server.run(sockets=sockets)
 
 
 # ---------------------------------------------------------------- errors and validation
@@ -409,6 +426,28 @@ class ControlState:
         return seen or ["mpesa"]
 
 
+# ---------------------------------------------------------------- scheduled jobs
+
+JOB_RETRY_DEFAULT_S = 30.0
+
+
+def job_retry_s() -> float:
+    """How long a scheduled job waits after a failed run before it tries again
+    (`BUSLINE_JOB_RETRY_S`), instead of its whole interval."""
+    return env_number(
+        os.environ, "BUSLINE_JOB_RETRY_S", JOB_RETRY_DEFAULT_S, low=0.1, high=3600, unit="seconds"
+    )
+
+
+def job_starting(job: str) -> None:
+    """Called by the job runner as a run of `job` starts: the run fails here when a fault
+    says so (`job-failure`: once, then the retry runs as usual)."""
+    from busline import fault_agent
+
+    if fault_agent.agent().job_fails(job):
+        raise TimeoutError(f"{job}: the run timed out before it started its work")
+
+
 # ---------------------------------------------------------------- instrumentation
 
 
@@ -417,7 +456,11 @@ def instrument(service: str, app: Any = None, *, edge: bool = False) -> Any:
     the company's own host, and inbound context trusted except at the edge (the gateway).
     Returns the instrumented app: serve that one."""
     import lookout.sdk
+    from busline import fault_agent
 
+    agent = fault_agent.start(service)
+    if app is not None:
+        app = fault_agent.FaultGate(app, agent)
     return lookout.sdk.init(
         service=service,
         app=app,

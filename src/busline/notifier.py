@@ -179,7 +179,7 @@ class SmsGateway:
     def __init__(
         self,
         client: httpx.AsyncClient,
-        base_url: Callable[[], str] = lambda: kit.url_of("providers"),
+        base_url: Callable[[], str] = lambda: kit.url_of("sms"),
     ) -> None:
         self._client = client
         self._base_url = base_url
@@ -325,7 +325,10 @@ async def run(broker: queue.Broker, engine: Engine) -> None:
     stopping = asyncio.Event()
     async with httpx.AsyncClient(timeout=SMS_TIMEOUT) as client:
         notifier = Notifier(engine, SmsGateway(client))
-        consumer = asyncio.create_task(broker.consume(QUEUE, notifier.handle, prefetch=PREFETCH))
+        from busline import fault_agent
+
+        handle = fault_agent.agent().gated(notifier.handle)
+        consumer = asyncio.create_task(broker.consume(QUEUE, handle, prefetch=PREFETCH))
 
         def stop(signum: int) -> None:
             if stopping.is_set():

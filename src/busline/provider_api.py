@@ -114,7 +114,8 @@ class ProviderClient:
 
     async def _send(self, method: str, path: str, body: Any = None, **kw: Any) -> httpx.Response:
         try:
-            base = kit.url_of("providers")
+            # Each provider listens on its own port (`/mpesa/...` -> `run/mpesa.json`).
+            base = kit.url_of(path.split("/")[1])
         except kit.Unavailable as exc:
             raise ProviderFailureError("provider_unreachable", str(exc)) from None
         try:

@@ -74,6 +74,7 @@ from starlette.routing import Route
 from busline import kit
 from busline.simulator import (
     MPESA_RESULTS,
+    PAYMENT_PROVIDERS,
     Behaviour,
     Ledger,
     Lognormal,
@@ -489,6 +490,11 @@ def create_app(env: Mapping[str, str] | None = None) -> Starlette:
     rng = random.Random(int(seed)) if seed else random.Random()  # noqa: S311 - simulation, not secrets
     ledger_path = kit.state_dir() / "providers" / "ledger.jsonl"
     simulator = Simulator(behaviours_from_env(env), Ledger(ledger_path), rng)
+    # Faults reach the simulator through its agent (it reads busline's fault state, and
+    # logs nothing: no lookout here either).
+    from busline import fault_agent
+
+    simulator.faults = fault_agent.start(NAME).provider
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -526,7 +532,9 @@ def create_app(env: Mapping[str, str] | None = None) -> Starlette:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s providers %(message)s")
-    kit.serve(NAME, create_app(), host=kit.providers_host())
+    # One port per provider (and the SMS gateway), as separate companies have: one can
+    # go down while the others answer.
+    kit.serve(NAME, create_app(), host=kit.providers_host(), also=(*PAYMENT_PROVIDERS, "sms"))
 
 
 __all__ = [

@@ -403,13 +403,17 @@ class Simulator:
         self.rng = rng
         self.client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: A provider's faults in force: (latency factor, error rate, callback hold in s).
+        self.faults: Callable[[str], tuple[float, float, float]] = lambda _: (1.0, 0.0, 0.0)
 
     async def latency(self, provider: str, *, query: bool = False) -> None:
         behaviour = self.behaviours[provider]
         delay = behaviour.query_delay(self.rng) if query else behaviour.request_delay(self.rng)
-        await asyncio.sleep(delay)
+        await asyncio.sleep(delay * self.faults(provider)[0])
 
     def failing(self, provider: str) -> bool:
+        if self.faults(provider)[1] > 0 and self.rng.random() < self.faults(provider)[1]:
+            return True
         return self.behaviours[provider].fails(self.rng)
 
     def open_transaction(
@@ -466,6 +470,9 @@ class Simulator:
         Nothing here adds trace headers: this process has no instrumentation."""
         behaviour = self.behaviours[tx.provider]
         await asyncio.sleep(max(0.0, tx.answer_at - time.time()) + behaviour.callback_lag_s)
+        held_since = time.monotonic()
+        while 0 < time.monotonic() - held_since < self.faults(tx.provider)[2]:  # noqa: ASYNC110
+            await asyncio.sleep(0.5)  # held while the fault lasts (a file poll), at most its hold
         body = CALLBACK_BODIES[tx.provider](tx)
         while not tx.callback_done():
             attempt: dict[str, Any] = {"at": time.time(), "status": None, "error": None}

@@ -121,6 +121,7 @@ class Supervisor:
         }
         self.stopping = False
         self._metrics: dict[str, Any] = {}
+        self.faults: Any = None  # the fault registry, once `run()` serves its API
 
     # ------------------------------------------------------------ processes
 
@@ -264,6 +265,13 @@ class Supervisor:
         child.intentional = True
         self.stop(child)
         return child.version
+
+    def kick(self, name: str) -> None:
+        """Start `name` now when it waits out a restart backoff (a crash loop was fixed)."""
+        child = self.children.get(name)
+        if child is not None and child.start_at is not None:
+            child.start_at = time.monotonic()
+            child.backoff_s = BACKOFF_START_S
 
     def status(self) -> dict[str, Any]:
         out = {}
@@ -413,7 +421,7 @@ class Supervisor:
     async def run(self) -> int:
         import uvicorn
 
-        from busline import control
+        from busline import control, faults
 
         _QuietServer = _quiet_server_class()  # noqa: N806 - a class
 
@@ -421,24 +429,34 @@ class Supervisor:
         for child in self.children.values():
             self.start(child)
         self.register_rabbitmq_metrics()
-        api = control.create_app(
-            control.Control(self), token=os.environ.get("BUSLINE_CONTROL_TOKEN") or None
+        controls = control.Control(self)
+        api = control.create_app(controls, token=os.environ.get("BUSLINE_CONTROL_TOKEN") or None)
+        # Faults have their own API, port and token: whoever may act on busline (and
+        # Lookout's diagnosis) may not read the ground truth.
+        self.faults = faults.Registry(self, ReleasePipeline(controls))
+        fault_api = faults.create_app(
+            self.faults, token=os.environ.get("BUSLINE_FAULTS_TOKEN") or None
         )
-        config = uvicorn.Config(api, log_config=None, access_log=False, lifespan="off")
-        server = _QuietServer(config)
-        sock = kit.bind(self.options.control_host, self.options.control_port)
-        kit.write_atomically(
-            kit.run_dir() / "supervisor.json",
-            {
-                "service": "supervisor",
-                "host": self.options.control_host,
-                "port": sock.getsockname()[1],
-                "pid": os.getpid(),
-                "version": kit.version(),
-                "started_at": time.time(),
-            },
-        )
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        servers = []
+        for name, app, port in (
+            ("supervisor", api, self.options.control_port),
+            ("faults", fault_api, 0),
+        ):
+            config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+            sock = kit.bind(self.options.control_host, port)
+            kit.write_atomically(
+                kit.run_dir() / f"{name}.json",
+                {
+                    "service": name,
+                    "host": self.options.control_host,
+                    "port": sock.getsockname()[1],
+                    "pid": os.getpid(),
+                    "version": kit.version(),
+                    "started_at": time.time(),
+                },
+            )
+            server = _QuietServer(config)
+            servers.append((server, asyncio.create_task(server.serve(sockets=[sock]))))
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -446,6 +464,7 @@ class Supervisor:
         last_stats = 0.0
         while not done.is_set():
             self.check()
+            await asyncio.to_thread(self.faults.expire)
             if time.monotonic() - last_stats >= 5.0:
                 last_stats = time.monotonic()
                 await asyncio.to_thread(self.export_queue_stats)
@@ -453,10 +472,13 @@ class Supervisor:
                 await asyncio.wait_for(done.wait(), timeout=0.5)
         self.stopping = True
         self._log("supervisor_stopping")
-        server.should_exit = True
+        await asyncio.to_thread(self.faults.stop_all)
+        for server, _ in servers:
+            server.should_exit = True
         await asyncio.to_thread(self.stop_all)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(serving, timeout=1)
+        for _, serving in servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(serving, timeout=1)
         # Our own last telemetry, briefly: Lookout may be stopping as well.
         from lookout import sdk
 
@@ -485,6 +507,27 @@ class Supervisor:
         for process in live:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=2)
+
+
+class ReleasePipeline:
+    """How a release reaches busline: a deploy (and its withdrawal) through the control
+    API's actions, so each is in the audit log like any other change."""
+
+    ACTOR = "release-pipeline"
+
+    def __init__(self, controls: Any) -> None:
+        self.controls = controls
+
+    def deploy_release(self, name: str, version: str) -> None:
+        from busline.control import Caller
+
+        self.controls.deploy(Caller(self.ACTOR, f"release {version}", dry_run=False), name, version)
+
+    def withdraw_release(self, name: str, version: str) -> None:
+        from busline.control import Caller
+
+        caller = Caller(self.ACTOR, f"release {version} withdrawn", dry_run=False)
+        self.controls.rollback(caller, name)
 
 
 def _quiet_server_class() -> Any:

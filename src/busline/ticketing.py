@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
-from busline import db, kit, queue, routes
+from busline import db, fault_agent, kit, queue, routes
 from busline.timetable import local_time, parse_trip_id, seat_labels, service_window, trips_on
 from lookout import sdk
 
@@ -607,6 +607,7 @@ class Ticketing:
         interval_minutes = max(1, round(self.sweep_interval_s / 60))
         tracer = sdk.tracer()
         while True:
+            wait = self.sweep_interval_s
             try:
                 with (
                     sdk.job_run(SWEEPER_JOB, interval_minutes=interval_minutes),
@@ -614,11 +615,13 @@ class Ticketing:
                         SWEEPER_JOB, context=otel_context.Context(), attributes={"job": SWEEPER_JOB}
                     ),
                 ):
+                    kit.job_starting(SWEEPER_JOB)
                     await asyncio.to_thread(self.sweep, self.clock())
             except Exception as exc:  # one failed run must not stop the job
                 log.exception("seat_hold_sweep_failed", error=f"{type(exc).__name__}: {exc}")
                 sdk.capture_exception(exc)
-            await asyncio.sleep(self.sweep_interval_s)
+                wait = min(wait, kit.job_retry_s())  # try again soon, not an interval later
+            await asyncio.sleep(wait)
 
     # -- the outbox relay --------------------------------------------------------------
 
@@ -806,6 +809,10 @@ def booking_view(row: Any, now: float) -> dict[str, Any]:
 # ---------------------------------------------------------------- HTTP
 
 
+#: Seats by preference, as a release that shipped with a bug looked them up.
+SEAT_PREFERENCES = {"window": "1A", "aisle": "1B"}
+
+
 def _user(request: Request) -> str:
     user_id = request.headers.get("x-user-id", "").strip()
     if not user_id:
@@ -861,6 +868,10 @@ def create_app(clock: Callable[[], float] = time.time) -> Starlette:
         trip_id = kit.text_field(body, "trip_id", max_len=80)
         seat = kit.text_field(body, "seat", required=False, max_len=4).strip().upper() or None
         sdk.set_user(user_id)
+        if fault_agent.agent().release_bug():
+            # What a bad release broke (the `buggy-release` fault; the only fault that
+            # branches inside service code): a seat-preference lookup without a default.
+            seat = SEAT_PREFERENCES[str(body.get("seat_preference", "any"))]
         booking = await asyncio.to_thread(service.hold, user_id, trip_id, seat, clock())
         return JSONResponse(booking, status_code=201)
 

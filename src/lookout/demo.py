@@ -265,6 +265,15 @@ class Demo:
         control = _read_json(self.state / "run" / "supervisor.json")
         if control:
             rows.append(("control", f"http://{control['host']}:{control['port']}/control/v1"))
+        faults = _read_json(self.state / "run" / "faults.json")
+        if faults:
+            rows.append(
+                (
+                    "faults",
+                    f"http://{faults['host']}:{faults['port']}/faults/v1  "
+                    f"(BUSLINE_STATE={self.state} python -m busline fault ...)",
+                )
+            )
         return rows
 
     def all_reported(self) -> bool:
@@ -380,7 +389,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=8686, help="server port (8686 when free)")
     parser.add_argument(
-        "--rate", type=float, default=0.5, help="buy journeys a second; 0: no load (default 0.5)"
+        "--rate",
+        type=float,
+        default=2.0,
+        help="customers' journeys a second (browse, look, buy, ...); 0: no load (default 2)",
     )
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument(

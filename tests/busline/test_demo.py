@@ -80,7 +80,16 @@ def test_the_readme_demo_shows_its_components_and_data_flows_and_dies_with_its_p
         took = demo.wait_flowing()
         assert took <= FLOWING_WITHIN_S, f"data flowed after {took:.0f} s"
         text = demo.output()
-        for name in ("lookout", "gateway", "auth", "ticketing", "payments", "fleet", "control"):
+        for name in (
+            "lookout",
+            "gateway",
+            "auth",
+            "ticketing",
+            "payments",
+            "fleet",
+            "control",
+            "faults",
+        ):
             assert re.search(rf"^{name}\s+http://127\.0\.0\.1:\d+", text, re.M), (name, text)
         assert re.search(r"^notifier\s+worker", text, re.M), text
         children = descendants(demo.process.pid)

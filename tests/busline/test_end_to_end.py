@@ -1,8 +1,9 @@
 """The whole platform under its supervisor, sending everything to a real `lookout server`,
 checked only through Lookout's read and Prometheus APIs: one buy journey's `X-Trace-Id`
 finds spans from gateway, ticketing, payments and notifier; the provider's callback trace
-links to it; the business metrics move. Once on the embedded defaults (SQLite, the
-embedded queue), once on PostgreSQL and RabbitMQ.
+links to it; the business metrics move. Here on the embedded defaults (SQLite, the
+embedded queue); tests/busline/test_fault_symptoms.py runs the same journey on PostgreSQL
+and RabbitMQ, with three faults.
 """
 
 from __future__ import annotations
@@ -271,15 +272,3 @@ def test_a_confirmation_survives_ticketing_dying_between_commit_and_publish(
             60,
             "the restart to be counted",
         )
-
-
-def test_a_buy_journey_on_postgresql_and_rabbitmq(
-    tmp_path: Path, own_postgres: str, amqp_url: str
-) -> None:
-    with busline_up(tmp_path, BUSLINE_DATABASE_URL=own_postgres, BUSLINE_AMQP_URL=amqp_url) as up:
-        journey = buy_one(up)
-        check_the_journey_through_lookout(up, journey)
-        # The depth comes from the broker itself: rabbitmq_prometheus, scraped by Lookout.
-        vhost = amqp_url.rsplit("/", 1)[1]
-        depth = f'rabbitmq_queue_messages_ready{{job="rabbitmq",vhost="{vhost}",queue="booking.confirmed"}}'
-        wait_until(lambda: _present(up.server, depth), 60, "the broker's own queue depth")

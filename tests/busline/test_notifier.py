@@ -92,8 +92,8 @@ def _handler(gateway: Gateway) -> type[BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def gateway(platform: Platform) -> Iterator[Gateway]:
-    """The stand-in, announced in the platform's port file `run/providers.json` in the
-    shape `kit.report_listening` writes, so the notifier finds it with `kit.url_of`."""
+    """The stand-in, announced in the SMS gateway's port file `run/sms.json` in the shape
+    `kit.report_listening` writes, so the notifier finds it with `kit.url_of`."""
     stand_in = Gateway()
     server = ThreadingHTTPServer(("127.0.0.2", 0), _handler(stand_in))
     host, port = server.server_address[:2]
@@ -103,9 +103,9 @@ def gateway(platform: Platform) -> Iterator[Gateway]:
     run = platform.state / "run"
     run.mkdir(parents=True, exist_ok=True)
     kit.write_atomically(
-        run / "providers.json",
+        run / "sms.json",
         {
-            "service": "providers",
+            "service": "sms",
             "host": host,
             "port": port,
             "pid": os.getpid(),
