@@ -1,7 +1,9 @@
 """The demo's memory: run `lookout demo` at its default load and, after `--minutes` (15),
 sum the PSS of every process it started (server, supervisor, services, their `lookout run`
 launchers, the load). PSS counts shared pages once across processes, so the sum is what
-the demo really costs the machine.
+the demo really costs the machine. Also reports whether the default load fits the machine:
+the journeys a second the load generator achieved against the 2 it aims at, the share that
+failed, and the CPU cores the whole demo used over the run's second half.
 
     .venv/bin/python bench/demo_memory.py --json [--minutes 15] [--memory-limit 512MiB]
 
@@ -20,10 +22,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 TARGET_BYTES = 1.5e9
+LOAD_RATE = 2.0  # `lookout demo`'s default
+RATE_TOLERANCE = 0.15  # achieved within 15 % of the rate
+MAX_FAILED_SHARE = 0.01
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,6 +59,35 @@ def pss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of `pids`, in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def journeys(log: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "journey":
+            out.append(record)
+    return out
 
 
 def cmdline(pid: int) -> str:
@@ -98,8 +133,12 @@ def main() -> int:
 
         threading.Thread(target=drain, daemon=True).start()
         end = started + args.minutes * 60
+        half = started + args.minutes * 30
+        cpu_mark: tuple[float, float] | None = None
         try:
             while time.monotonic() < end:
+                if cpu_mark is None and time.monotonic() >= half:
+                    cpu_mark = (time.monotonic(), cpu_seconds(tree(process.pid)))
                 if process.poll() is not None:
                     print("\n".join(lines[-30:]), file=sys.stderr)
                     return 1
@@ -115,12 +154,18 @@ def main() -> int:
                 name = cmdline(pid)
                 per[name] = per.get(name, 0) + pss_bytes(pid)
             total = sum(per.values())
+            if cpu_mark is None:
+                cpu_mark = (started, 0.0)
+            cores = (cpu_seconds(pids) - cpu_mark[1]) / (time.monotonic() - cpu_mark[0])
+            done = journeys(Path(tmp) / "logs" / "load.log")
+            load_s = max(1.0, end - (started + (flowing_at[0] if flowing_at else 0.0)))
         finally:
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+    failed = sum(1 for j in done if j.get("result") == "failed")
     result: dict[str, Any] = {
         "minutes": args.minutes,
         "duckdb_memory_limit": args.memory_limit,
@@ -129,8 +174,19 @@ def main() -> int:
         "pss_by_process_mb": {k: round(v / 1e6, 1) for k, v in sorted(per.items())},
         "data_flowing_after_s": round(flowing_at[0], 1) if flowing_at else None,
         "target_mb": TARGET_BYTES / 1e6,
-        "met": total <= TARGET_BYTES and bool(flowing_at),
+        "load": {
+            "journeys": len(done),
+            "rate_target_per_s": LOAD_RATE,
+            "rate_achieved_per_s": round(len(done) / load_s, 2),
+            "failed_share": round(failed / len(done), 4) if done else None,
+            "by_kind": dict(sorted(Counter(str(j.get("journey")) for j in done).items())),
+            "cpu_cores_used_second_half": round(cores, 2),
+            "cpu_cores": os.cpu_count(),
+        },
     }
+    rate_ok = abs(len(done) / load_s - LOAD_RATE) <= RATE_TOLERANCE * LOAD_RATE
+    failed_ok = bool(done) and failed / len(done) <= MAX_FAILED_SHARE
+    result["met"] = total <= TARGET_BYTES and bool(flowing_at) and rate_ok and failed_ok
     print(json.dumps(result, indent=None if args.json else 2))
     return 0 if result["met"] else 1
 
