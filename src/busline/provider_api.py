@@ -105,6 +105,21 @@ def parse_callback(provider: str, body: Mapping[str, Any]) -> tuple[str, str | N
     return charge["id"], card_result(charge.get("status"), charge.get("failure_code"))
 
 
+def socket_error(error: BaseException) -> OSError | None:
+    """The socket's own error under an httpx error (ConnectionRefusedError, ...)."""
+    pending = [error.__cause__, error.__context__]
+    while pending:
+        current = pending.pop(0)
+        if current is None:
+            continue
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend((current.__cause__, current.__context__))
+    return None
+
+
 class ProviderClient:
     """The three payment APIs of the outside world, as payments speaks them."""
 
@@ -121,7 +136,10 @@ class ProviderClient:
         try:
             response = await self.client.request(method, base + path, json=body, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise ProviderFailureError("provider_unreachable", type(exc).__name__) from None
+            # The socket's own reason (ConnectionRefusedError ...) goes into the log line.
+            cause = socket_error(exc)
+            detail = type(exc).__name__ if cause is None else f"{type(cause).__name__}: {cause}"
+            raise ProviderFailureError("provider_unreachable", detail) from None
         except httpx.TimeoutException as exc:
             raise ProviderFailureError("timeout", type(exc).__name__) from None
         except httpx.TransportError as exc:

@@ -177,10 +177,24 @@ def test_provider_down_refuses_connections_and_payments_fall_back(live: Live) ->
         wait_until(lambda: not listening(host, port), 10, "M-Pesa's port to close")
         assert listening(*port_of(live, "airtel")), "only M-Pesa is down"
         live.rises('sum(payment_outcomes_total{provider="mpesa",result="provider_unreachable"})')
-        lines = live.logs(since, service="payments", q="provider_unreachable")
-        assert lines, "payments logs the refused attempt"
-        errored = live.traces(since, service="payments", status="error")
-        assert errored, "a payments span failed"
+        wait_until(
+            lambda: live.logs(since, service="payments", q="ConnectionRefusedError"),
+            30,
+            "payments' log line of the refused attempt",
+        )
+
+        def refused_client_span() -> bool:
+            for summary in live.traces(since, service="payments", status="error")[:10]:
+                trace = httpx.get(
+                    f"{live.server.url}/api/lookout/traces/{summary['trace_id']}", timeout=10
+                ).json()
+                for span in trace["spans"]:
+                    types = [e["attributes"].get("exception.type") for e in span["events"]]
+                    if span["kind"] == "client" and "ConnectionRefusedError" in types:
+                        return True
+            return False
+
+        wait_until(refused_client_span, 30, "a payments client span with ConnectionRefusedError")
     finally:
         live.stop(fault)
     wait_until(lambda: listening(host, port), 10, "M-Pesa to listen again")

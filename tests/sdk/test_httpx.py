@@ -78,7 +78,10 @@ def test_connection_refused_is_a_failed_client_span_with_error_type(
     assert span.status.status_code == StatusCode.ERROR
     assert span.attributes is not None
     assert span.attributes["error.type"] == "ConnectError"
-    assert [event.name for event in span.events] == ["exception"]
+    # httpx's error, then the socket's own reason under it.
+    assert [event.name for event in span.events] == ["exception", "exception"]
+    types = [(event.attributes or {}).get("exception.type") for event in span.events]
+    assert types == ["httpx.ConnectError", "ConnectionRefusedError"]
     assert (
         target.sample(
             "http_client_request_duration_seconds_count",

@@ -56,6 +56,11 @@ class _Call:
             if error is not None:
                 error_type = type(error).__qualname__
                 self.span.record_exception(error)
+                cause = os_error_under(error)
+                if cause is not None:
+                    # httpx says ConnectError; the socket said why (refused, unreachable,
+                    # reset): record that too, or it is lost in a truncated stack trace.
+                    self.span.record_exception(cause)
             elif status is not None and status >= 400:
                 error_type = str(status)
             if status is not None:
@@ -68,6 +73,24 @@ class _Call:
             ).observe(duration, exemplar_for_current_span())
             self.span.end()
         context.detach(self.token)
+
+
+def os_error_under(error: BaseException) -> OSError | None:
+    """The operating system's error that `error` wraps (`ConnectionRefusedError: [Errno
+    111] ...`), through causes, contexts and exception groups; None when there is none."""
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current is not error and isinstance(current, OSError) and current.errno is not None:
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
 
 
 _METHODS = frozenset(
