@@ -356,9 +356,11 @@ def validate(
 ) -> tuple[Kind, dict[str, Any], float]:
     """The kind, the parameters and the duration of a fault as asked, or `Invalid`
     naming the field that is wrong."""
-    kind = KINDS.get(kind_name)
+    kind = KINDS.get(kind_name.strip().lower().replace("_", "-"))
     if kind is None:
         raise Invalid("kind", f"must be one of {', '.join(KINDS)}")
+    if not target and len(kind.targets) == 1:
+        target = kind.targets[0]  # the one target it can have
     if target not in kind.targets:
         raise Invalid("target", f"{kind.name} takes one of {', '.join(kind.targets)}")
     params: dict[str, Any] = {}
@@ -480,6 +482,7 @@ class Registry:
         seed: int | None = None,
     ) -> dict[str, Any]:
         kind, params, duration = self.validate(kind_name, target, intensity, duration_s)
+        target = target or kind.targets[0]
         with self._lock:
             self.expire()
             for fault in self._faults:
@@ -624,7 +627,7 @@ def create_app(registry: Registry, token: str | None = None) -> Any:
     async def start(request: Request) -> Response:
         body = await kit.json_object(request)
         kind = kit.text_field(body, "kind", max_len=40)
-        target = kit.text_field(body, "target", max_len=40)
+        target = kit.text_field(body, "target", required=False, max_len=40)
         intensity = body.get("intensity")
         if intensity is not None and (
             isinstance(intensity, bool) or not isinstance(intensity, (int, float))
@@ -730,6 +733,11 @@ class Client:
         self.http.close()
 
 
+def kind_name(text: str) -> str:
+    """A kind as people type it: `provider_down` and `Provider-Down` are `provider-down`."""
+    return text.strip().lower().replace("_", "-")
+
+
 def _intensity_arg(text: str) -> float:
     try:
         value = float(text)
@@ -757,8 +765,10 @@ def main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     start = commands.add_parser("start", help="start a fault")
-    start.add_argument("kind", choices=list(KINDS), metavar="KIND", help=", ".join(KINDS))
-    start.add_argument("--target", required=True)
+    start.add_argument(
+        "kind", type=kind_name, choices=list(KINDS), metavar="KIND", help=", ".join(KINDS)
+    )
+    start.add_argument("--target", help="required unless the kind has only one target")
     start.add_argument("--intensity", type=_intensity_arg)
     start.add_argument("--for", dest="duration", type=_duration_arg, help="e.g. 90s, 3m, 1h")
     stop = commands.add_parser("stop", help="stop a fault")

@@ -100,6 +100,17 @@ def test_every_kind_has_a_verdict_targets_and_a_row_in_the_symptom_table() -> No
     assert len(faults.KINDS) == 18
 
 
+def test_a_kind_may_be_written_with_underscores_and_a_lone_target_may_be_left_out(
+    state: Path,
+) -> None:
+    registry = faults.Registry()
+    fault = registry.start("Consumer_Stuck", "", None, 60)
+    assert (fault["kind"], fault["target"]) == ("consumer-stuck", "notifier")
+    with pytest.raises(kit.Invalid) as caught:
+        registry.start("db-slow", "", None, 60)  # four databases: which one?
+    assert caught.value.field == "target"
+
+
 def test_the_next_release_bumps_the_last_number() -> None:
     assert faults.next_version("1.4.2") == "1.4.3"
     assert faults.next_version("2.0.9-rc") == "2.0.10-rc"
