@@ -711,8 +711,8 @@ class Client:
         except ValueError:
             data = {"error": "bad_answer", "message": response.text[:200]}
         if response.status_code >= 400:
-            where = f" ({data.get('field')})" if data.get("field") else ""
-            raise SystemExit(f"busline fault: {data.get('message', data)}{where}")
+            where = f"{data['field']}: " if data.get("field") else ""
+            raise SystemExit(f"busline fault: {where}{data.get('message', data)}")
         return data
 
     def start(self, **body: Any) -> dict[str, Any]:
