@@ -32,6 +32,8 @@ from busline import kit
 from busline.kit import Invalid
 
 API = "/faults/v1"
+#: Where `lookout demo` keeps busline's state, relative to where it runs.
+DEMO_STATE = Path(".lookout-demo") / "busline"
 DEFAULT_DURATION_S = 600.0
 MAX_DURATION_S = 24 * 3600.0
 MAX_SURGE_DEFAULT = 5.0
@@ -687,11 +689,15 @@ class Client:
         import httpx
 
         if url is None:
+            if not os.environ.get("BUSLINE_STATE") and DEMO_STATE.joinpath("run").is_dir():
+                # `lookout demo` (python3 dev.py demo) from this directory: its busline.
+                os.environ["BUSLINE_STATE"] = str(DEMO_STATE)
             found = kit.listening("faults")
             if found is None:
                 raise SystemExit(
                     f"busline fault: busline is not running in {kit.state_dir()} "
-                    "(no run/faults.json); start it with `python -m busline up`"
+                    "(no run/faults.json); start it with `python -m busline up` or "
+                    "`lookout demo`, or say where with --state or $BUSLINE_STATE"
                 )
             url = found.url
         self.url = url.rstrip("/") + API

@@ -108,6 +108,8 @@ class Settings:
     reconcile_interval_s: float
     mpesa_shortcode: str
     mpesa_passkey: str
+    #: How long payments waits for a provider's answer (connecting: 2 s).
+    provider_timeout_s: float = 10.0
     #: How long a duplicate request waits for the first one to reach the provider.
     replay_wait_s: float = 30.0
 
@@ -127,6 +129,7 @@ class Settings:
             poll_after_s=seconds("BUSLINE_POLL_AFTER_S", 5.0),
             timeout_s=seconds("BUSLINE_PAYMENT_TIMEOUT_S", 60.0),
             reconcile_interval_s=seconds("BUSLINE_RECONCILE_INTERVAL_S", 600.0),
+            provider_timeout_s=seconds("BUSLINE_PROVIDER_TIMEOUT_S", 10.0),
             mpesa_shortcode=env.get("BUSLINE_MPESA_SHORTCODE", "174379"),
             mpesa_passkey=env.get("BUSLINE_MPESA_PASSKEY", "busline-simulator-passkey"),
         )
@@ -156,6 +159,9 @@ payments_table = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("callback_at", sa.Float, nullable=True),
     sa.Column("booking_synced_at", sa.Float, nullable=True),
+    # When a push went out and no answer came back (a read timeout): the provider may have
+    # accepted it, so the payment stays pending; its callback finds it by payment id.
+    sa.Column("push_unanswered_at", sa.Float, nullable=True),
     sa.UniqueConstraint("user_id", "idempotency_key", name="uq_payments_user_key"),
     sa.Index("ix_payments_status_created", "status", "created_at"),
 )
@@ -174,9 +180,16 @@ def _create_live_booking_index(conn: sa.Connection) -> None:
     _one_live_payment.create(conn, checkfirst=True)
 
 
+def _add_push_unanswered_at(conn: sa.Connection) -> None:
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("payments")}
+    if "push_unanswered_at" not in columns:  # a database made before the column existed
+        conn.execute(sa.text("ALTER TABLE payments ADD COLUMN push_unanswered_at FLOAT"))
+
+
 MIGRATIONS: list[db.Migration] = [
     (1, db.create_tables(metadata, "payments")),
     (2, _create_live_booking_index),
+    (3, _add_push_unanswered_at),
 ]
 
 
@@ -207,6 +220,7 @@ class Payment:
     updated_at: float
     callback_at: float | None
     booking_synced_at: float | None
+    push_unanswered_at: float | None = None
 
     def initiating_context(self) -> SpanContext | None:
         """The stored span context of the initiating request, as a remote parent."""
@@ -302,6 +316,20 @@ class Payments:
     def by_request_id(self, provider: str, request_id: str) -> Payment | None:
         c = payments_table.c
         return self._one(sa.and_(c.provider == provider, c.provider_request_id == request_id))
+
+    def adopt(self, payment_id: str, provider: str, request_id: str) -> Payment | None:
+        """The payment a callback's URL names, when its request id was never stored (the
+        push's answer was lost, or has not been stored yet): it must have been pushed to
+        this provider and carry no other request id; the id is stored now."""
+        payment = self.get(payment_id)
+        if payment is None or payment.provider != provider:
+            return None
+        if payment.provider_request_id not in (None, request_id):
+            return None
+        if payment.provider_request_id is None:
+            self._update(payment_id, provider_request_id=request_id)
+            payment = replace(payment, provider_request_id=request_id)
+        return payment
 
     def insert(self, payment: Payment) -> bool:
         """Insert `payment`; False when its idempotency key is taken (a duplicate),
@@ -407,13 +435,20 @@ class Payments:
         while True:
             payment = await run_in_threadpool(self.by_key, user_id, key)
             assert payment is not None  # rows are never deleted
-            done = payment.provider_request_id is not None or payment.status != "pending"
+            done = (
+                payment.provider_request_id is not None
+                or payment.status != "pending"
+                or payment.push_unanswered_at is not None
+            )
             if done or self.clock() > deadline:
                 return payment
             await asyncio.sleep(0.05)
 
     async def _push(self, payment: Payment, route: list[str]) -> Payment:
+        # The payment's own callback URL: a callback finds its payment even when the push's
+        # answer (with the provider's request id) never came back, or comes back after it.
         callback_base = f"{kit.url_of(NAME)}/callbacks"
+        own = quote(payment.payment_id, safe="")
         attributes = {"payment.id": payment.payment_id, "payment.route": ",".join(route)}
         with tracer.start_as_current_span("payment.initiate", attributes=attributes) as span:
             for index, provider in enumerate(route):
@@ -423,9 +458,11 @@ class Payments:
                 span.set_attribute("payment.provider", provider)
                 try:
                     request_id = await self.providers.push(
-                        provider, payment, f"{callback_base}/{provider}"
+                        provider, payment, f"{callback_base}/{provider}/{own}"
                     )
                 except ProviderFailureError as failure:
+                    if failure.result == "timeout":
+                        return await self._unanswered(payment, provider, failure, span)
                     log.warning(
                         "payment_attempt_failed",
                         provider=provider,
@@ -443,6 +480,21 @@ class Payments:
                 log.info("payment_initiated", provider=provider, provider_request_id=request_id)
                 return replace(payment, provider_request_id=request_id)
         raise AssertionError("a payment route is never empty")
+
+    async def _unanswered(
+        self, payment: Payment, provider: str, failure: ProviderFailureError, span: trace.Span
+    ) -> Payment:
+        """The push went out and its answer did not come back: the provider may have taken
+        it (the customer may be paying now), so neither fail the payment nor try another
+        provider (that could charge twice). It stays pending: its callback, a poll or the
+        payment timeout settles it."""
+        now = self.clock()
+        await run_in_threadpool(self._update, payment.payment_id, push_unanswered_at=now)
+        span.set_attribute("payment.push_unanswered", True)  # noqa: FBT003
+        log.warning(
+            "payment_push_unanswered", provider=provider, detail=failure.detail, pending=True
+        )
+        return replace(payment, push_unanswered_at=now)
 
     # -------------------------------------------------------------- finishing a payment
 
@@ -474,16 +526,26 @@ class Payments:
             if won:
                 self._record(current, source)
             elif current.result != result:
-                log.warning(
-                    "payment_result_conflict",
-                    payment_id=current.payment_id,
-                    kept=current.result,
-                    reported=result,
-                    source=source,
-                )
+                self.conflict(current, result, source)
             if current.booking_synced_at is None:
                 current = await self.sync_booking(current)
         return current
+
+    def conflict(self, current: Payment, reported: str, source: str) -> None:
+        """A provider reports another result than the one kept. A success reported for a
+        payment already failed (timed out, say) means money taken without a ticket: count
+        it as a refund to make, loudly."""
+        refund = reported == "success" and current.status == "failed"
+        (log.error if refund else log.warning)(
+            "payment_result_conflict",
+            payment_id=current.payment_id,
+            kept=current.result,
+            reported=reported,
+            source=source,
+            refund_required=refund,
+        )
+        if refund:
+            refunds_required.labels(provider=current.provider).inc()
 
     @contextlib.contextmanager
     def continuing(
@@ -720,7 +782,11 @@ async def create_payment(request: Request) -> JSONResponse:
             "This Idempotency-Key was used for another booking; use a new key.",
             field="Idempotency-Key",
         )
-    if payment.status == "pending" and payment.provider_request_id is None:
+    if (
+        payment.status == "pending"
+        and payment.provider_request_id is None
+        and payment.push_unanswered_at is None
+    ):
         return kit.error(
             409,
             "payment_in_progress",
@@ -751,11 +817,18 @@ CALLBACK_ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
 
 
 async def callback(request: Request) -> JSONResponse:
-    """A provider's callback: no trace context; its trace links to the initiating one."""
+    """A provider's callback: no trace context; its trace links to the initiating one.
+    Found by the provider's request id, or by the payment id in its URL when the push's
+    answer (which carried the request id) never arrived or has not been stored yet."""
     service = _service(request)
-    provider = request.url.path.rsplit("/", 1)[-1]
+    provider = str(request.path_params["provider"])
+    if provider not in kit.PROVIDERS:
+        return kit.error(404, "not_found", f"No callbacks for {provider!r}.")
     request_id, result = parse_callback(provider, await kit.json_object(request))
     payment = await run_in_threadpool(service.by_request_id, provider, request_id)
+    own = request.path_params.get("payment_id")
+    if payment is None and own is not None:
+        payment = await run_in_threadpool(service.adopt, str(own), provider, request_id)
     if payment is None:
         log.warning("unknown_payment", provider=provider, provider_request_id=request_id)
         return kit.error(
@@ -778,7 +851,7 @@ async def callback(request: Request) -> JSONResponse:
             span.set_attribute("payment.duplicate", True)  # noqa: FBT003
             log.info("payment_callback_duplicate", provider=provider, result=result)
             if payment.result != result:
-                log.warning("payment_result_conflict", kept=payment.result, reported=result)
+                service.conflict(payment, result, "callback")
             return JSONResponse(CALLBACK_ACK)
         payment = await service.apply(
             payment,
@@ -803,7 +876,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = db.engine_for(NAME)
         await run_in_threadpool(db.migrate, engine, MIGRATIONS)
-        client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        client = httpx.AsyncClient(timeout=httpx.Timeout(settings.provider_timeout_s, connect=2.0))
         service = Payments(engine, client, settings, kit.ControlState())
         app.state.payments = service
         pending_gauge.set(await run_in_threadpool(service.count_pending))
@@ -822,7 +895,8 @@ def create_app(env: Mapping[str, str] | None = None) -> Starlette:
             Route("/healthz", healthz),
             Route("/payments", create_payment, methods=["POST"]),
             Route("/payments/{payment_id}", get_payment),
-            *(Route(f"/callbacks/{p}", callback, methods=["POST"]) for p in kit.PROVIDERS),
+            Route("/callbacks/{provider}", callback, methods=["POST"]),
+            Route("/callbacks/{provider}/{payment_id}", callback, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

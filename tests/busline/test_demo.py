@@ -75,7 +75,7 @@ class Demo:
 def test_the_readme_demo_shows_its_components_and_data_flows_and_dies_with_its_parent(
     tmp_path: Path,
 ) -> None:
-    demo = Demo(tmp_path / "demo", readme=True)
+    demo = Demo(tmp_path / ".lookout-demo", readme=True)
     try:
         took = demo.wait_flowing()
         assert took <= FLOWING_WITHIN_S, f"data flowed after {took:.0f} s"
@@ -92,6 +92,14 @@ def test_the_readme_demo_shows_its_components_and_data_flows_and_dies_with_its_p
         ):
             assert re.search(rf"^{name}\s+http://127\.0\.0\.1:\d+", text, re.M), (name, text)
         assert re.search(r"^notifier\s+worker", text, re.M), text
+        # The fault tool finds the demo's busline from the directory the demo runs in.
+        env = {k: v for k, v in os.environ.items() if k != "BUSLINE_STATE"}
+        listed = subprocess.run(
+            [sys.executable, "-m", "busline", "fault", "list"], cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(ROOT / "src")},
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert (listed.returncode, listed.stdout.strip()) == (0, "no fault in force"), listed
         children = descendants(demo.process.pid)
         # lookout demo, the server, the supervisor, the services, their launchers, the load
         assert len(children) >= 11

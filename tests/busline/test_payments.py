@@ -256,6 +256,57 @@ def test_a_payment_is_confirmed_once_through_the_providers_callback(
     assert not any(PHONE in line for line in proc.lines)
 
 
+def test_a_push_whose_answer_never_came_stays_pending_and_its_callback_settles_it(
+    platform: Platform, ticketing: Ticketing
+) -> None:
+    """M-Pesa takes the push but its answer comes after payments stopped waiting: the
+    provider may be charging the customer, so the payment stays pending (not `timeout`,
+    no fallback to another provider); the callback, found through the payment id in its
+    URL, confirms the booking."""
+    platform.start(
+        "providers",
+        BUSLINE_PROVIDERS_LATENCY_SCALE="6",  # pushes answered after about 3.6 s
+        BUSLINE_CALLBACK_DELAY_S="0.5,0.5",
+        BUSLINE_DECLINE_RATE="0",
+    )
+    proc = platform.start("payments", BUSLINE_PROVIDER_TIMEOUT_S="1")
+    booking_id = ticketing.add(amount=900)
+    answer = pay(platform, booking_id)
+    assert answer.status_code == 202, answer.text
+    assert (answer.json()["status"], answer.json()["result"]) == ("pending", None)
+    [unanswered] = wait_until(
+        lambda: events(proc, "payment_push_unanswered"), 10.0, "the unanswered push's line"
+    )
+    assert unanswered["provider"] == "mpesa"
+    [(_, confirm)] = settled(platform, ticketing, booking_id, "confirm")
+    assert confirm["payment_id"] == answer.json()["payment_id"]
+    assert status(platform, answer.json()["payment_id"])["status"] == "succeeded"
+    assert [p["provider"] for p in ledger(platform)] == ["mpesa"], "one push, no fallback"
+    assert outcomes(proc) == {("mpesa", "success"): 1.0}
+
+
+def test_a_success_after_the_payment_timed_out_is_a_refund_to_make(
+    platform: Platform, ticketing: Ticketing
+) -> None:
+    """The customer pays after payments gave up (`timeout`): the late success is money
+    without a ticket, counted in `payment_refunds_required_total` and logged as an error."""
+    platform.start("providers", **{**FAST_PROVIDERS, "BUSLINE_CALLBACK_DELAY_S": "4,4"})
+    proc = platform.start("payments", BUSLINE_PAYMENT_TIMEOUT_S="1", BUSLINE_POLL_AFTER_S="0.5")
+    booking_id = ticketing.add()
+    payment_id = pay(platform, booking_id).json()["payment_id"]
+    wait_until(lambda: status(platform, payment_id)["result"] == "timeout", 10, "the timeout")
+    wait_until(lambda: events(proc, "payment_result_conflict"), 15, "the late success")
+    [conflict] = events(proc, "payment_result_conflict")
+    assert (conflict["kept"], conflict["reported"], conflict["refund_required"]) == (
+        "timeout",
+        "success",
+        True,
+    )
+    assert conflict["level"] == "error"
+    refunds = metric_samples(proc)[("payment_refunds_required_total", (("provider", "mpesa"),))]
+    assert refunds == 1
+
+
 def test_bad_requests_are_4xx_naming_the_field(platform: Platform, ticketing: Ticketing) -> None:
     """Headers, body fields, someone else's booking, a booking not held, a reused key."""
     platform.start("providers", **FAST_PROVIDERS)
@@ -512,7 +563,7 @@ def test_the_callback_links_to_the_buy_and_the_confirmation_continues_its_trace(
         spans = wait_until(exported, 10.0, "the spans")
     [buy] = spans_named(spans, "POST /payments")
     assert (buy.trace_id, buy.parent_span_id) == (trace_id, caller)
-    [callback_server] = spans_named(spans, "POST /callbacks/mpesa")
+    [callback_server] = spans_named(spans, "POST /callbacks/{provider}/{payment_id}")
     [callback] = spans_named(spans, "payment.callback")
     assert callback.trace_id != trace_id
     assert (callback.trace_id, callback.parent_span_id) == (
