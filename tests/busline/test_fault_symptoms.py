@@ -329,12 +329,15 @@ def test_memory_leak_grows_resident_memory_up_to_its_cap_and_clears(live: Live) 
 
 def test_cpu_hog_shows_as_cpu_time(live: Live) -> None:
     cpu = 'rate(process_cpu_seconds_total{job="auth"}[10s])'
+    wait_until(lambda: live.query(cpu) is not None, 30, "auth's CPU time")
+    before = live.value(cpu)  # logins hash passwords: auth is not idle
     fault = live.start("cpu-hog", "auth", intensity=90)
     try:
-        wait_until(lambda: live.value(cpu) > 0.5, 45, "auth to burn over half a core")
+        # A 90 % duty cycle, on a machine the other tests share: at least a third more.
+        wait_until(lambda: live.value(cpu) > before + 0.35, 45, "auth to burn CPU")
     finally:
         live.stop(fault)
-    wait_until(lambda: live.value(cpu) < 0.3, 45, "auth's CPU to calm down")
+    wait_until(lambda: live.value(cpu) < before + 0.2, 45, "auth's CPU to calm down")
 
 
 def test_crash_loop_shows_restarts_and_the_service_comes_back(live: Live) -> None:
