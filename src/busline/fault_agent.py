@@ -69,22 +69,42 @@ class Listener:
         self.port = int(port)
         self.factory = server._protocol_factory  # asyncio keeps it nowhere else
         self.backlog = int(uvicorn_server.config.backlog)
-        self.closed = False
+        self.closed = False  # the state applied
+        self._want = False  # the state asked for
+        self._changing = asyncio.Lock()
 
     def set_closed(self, closed: bool) -> None:
-        if closed != self.closed:
-            self.closed = closed
-            asyncio.run_coroutine_threadsafe(self._apply(closed), self.loop)
+        """Ask for the listening state `closed` (from the agent's thread)."""
+        if closed != self._want:
+            self._want = closed
+            asyncio.run_coroutine_threadsafe(self._converge(), self.loop)
+
+    async def _converge(self) -> None:
+        """Reach the state last asked for, one change at a time; a change that fails (the
+        port taken meanwhile, say) is noted and tried again a second later."""
+        async with self._changing:
+            while self.closed != self._want:
+                want = self._want
+                try:
+                    await self._apply(want)
+                except Exception:  # noqa: BLE001 - noted, and tried again
+                    _note(f"listener {self.name}:{self.port}: {traceback.format_exc()}")
+                    await asyncio.sleep(1.0)
+                    continue
+                self.closed = want
 
     async def _apply(self, closed: bool) -> None:
         servers = self.uvicorn_server.servers
         if closed:
             servers[self.index].close()
-            # Keep-alive connections would go on being served: drop them as a dead
-            # process's would be.
+            # Keep-alive connections to this port would go on being served: drop them,
+            # as a dead process's would be (a request in progress finishes first).
             for connection in list(self.uvicorn_server.server_state.connections):
-                with contextlib.suppress(Exception):
-                    connection.shutdown()
+                transport = getattr(connection, "transport", None)
+                sockname = transport.get_extra_info("sockname") if transport else None
+                if sockname and sockname[1] == self.port:
+                    with contextlib.suppress(Exception):
+                        connection.shutdown()
         else:
             sock = await asyncio.to_thread(kit.bind, self.host, self.port)
             servers[self.index] = await self.loop.create_server(
@@ -99,13 +119,14 @@ class Agent:
         self.service = service
         self.started = time.monotonic()
         self.faults: dict[str, list[Fault]] = {}
-        self._mtime: float | None = None
+        self._mtime: tuple[int, int, int] | None = None
         self._rng = random.Random()  # noqa: S311 - fault dice, not secrets
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
         self._engines: list[Any] = []
         self._held: list[tuple[Any, Any]] = []  # (engine, checked-out connection)
         self._held_for: str | None = None
+        self._filler: threading.Thread | None = None
         self._leak: list[bytearray] = []
         self._hog: threading.Thread | None = None
         self._used_job_faults: set[str] = set()
@@ -132,7 +153,10 @@ class Agent:
 
         path = faults.active_path()
         try:
-            mtime = path.stat().st_mtime
+            # Each write replaces the file (a new inode): two writes within one tick of a
+            # coarse clock still differ.
+            found = path.stat()
+            mtime: tuple[int, int, int] | None = (found.st_ino, found.st_mtime_ns, found.st_size)
         except OSError:
             mtime = None
         now_ms = int(time.time() * 1000)
@@ -220,10 +244,9 @@ class Agent:
         postgres = engine.dialect.name == "postgresql"
 
         def before(_conn: Any, cursor: Any, *_: Any) -> None:
-            fault = self.active("db-slow")
-            if fault is None:
+            seconds = self.statement_wait()
+            if seconds <= 0:
                 return
-            seconds = self.intensity(fault, 0.5)
             if postgres:
                 cursor.execute("SELECT pg_sleep(%s)", (seconds,))
             else:
@@ -232,41 +255,73 @@ class Agent:
         sa.event.listen(engine, "before_cursor_execute", before)
         self._engines.append(engine)
 
+    def statement_wait(self) -> float:
+        """Seconds each statement waits (`db-slow`), 0 when none."""
+        fault = self.active("db-slow")
+        return 0.0 if fault is None else self.intensity(fault, 0.5)
+
     def _apply_pool(self) -> None:
         fault = self.active("pool-exhaustion")
         fault_id = None if fault is None else str(fault.get("id"))
-        if fault_id != self._held_for:
-            for _, connection in self._held:
-                with contextlib.suppress(Exception):
-                    connection.close()
-            self._held.clear()
-            self._held_for = fault_id
-        if fault is None:
+        with self._lock:
+            if fault_id != self._held_for:
+                for _, connection in self._held:
+                    with contextlib.suppress(Exception):
+                        connection.close()
+                self._held.clear()
+                self._held_for = fault_id
+        if fault is None or (self._filler is not None and self._filler.is_alive()):
             return
+        # Taking a connection from a busy pool waits up to its timeout: not on this thread,
+        # which has the other faults to apply.
+        self._filler = threading.Thread(
+            target=self._fill, args=(fault_id, self.intensity(fault, 1e9)), daemon=True
+        )
+        self._filler.start()
+
+    def _fill(self, fault_id: str, most: float) -> None:
         for engine in self._engines:
             size = engine.pool.size() + max(0, getattr(engine.pool, "_max_overflow", 0))
-            want = min(size, int(self.intensity(fault, float(size))))
-            held = sum(1 for owner, _ in self._held if owner is engine)
-            for _ in range(want - held):
+            want = min(size, int(most))
+            while True:
+                with self._lock:
+                    if self._held_for != fault_id:
+                        return
+                    held = sum(1 for owner, _ in self._held if owner is engine)
+                if held >= want:
+                    break
                 try:
                     connection = engine.raw_connection()
-                except Exception:  # noqa: BLE001 - the pool is busy: take it next time
-                    break
-                self._held.append((engine, connection))
+                except Exception:  # noqa: BLE001 - the pool is busy: the next pass tries again
+                    return
+                with self._lock:
+                    if self._held_for == fault_id:
+                        self._held.append((engine, connection))
+                        continue
+                connection.close()  # the fault ended while we waited
+                return
 
     # ------------------------------------------------------------ the consumer loop
+
+    async def _before_message(self) -> None:
+        """`consumer-stuck` holds each message while it lasts; `consumer-slow` waits
+        before each."""
+        while self.active("consumer-stuck") is not None:  # noqa: ASYNC110 - a file poll
+            await asyncio.sleep(POLL_S)
+        slow = self.active("consumer-slow")
+        if slow is not None:
+            await asyncio.sleep(self.intensity(slow, 5.0))
+
+    # An error in the handler reports the lines around `await handler(...)` and the frame's
+    # local variables: they name nothing but the handler and its message.
 
     def gated(
         self, handler: Callable[[Any, Any], Awaitable[None]]
     ) -> Callable[[Any, Any], Awaitable[None]]:
-        """`handler` behind the consumer faults: stuck holds each message, slow delays it."""
+        """`handler`, after this process's own wait."""
 
         async def handle(body: Any, headers: Any) -> None:
-            while self.active("consumer-stuck") is not None:  # noqa: ASYNC110 - a file poll
-                await asyncio.sleep(POLL_S)
-            slow = self.active("consumer-slow")
-            if slow is not None:
-                await asyncio.sleep(self.intensity(slow, 5.0))
+            await self._before_message()
             await handler(body, headers)
 
         return handle
@@ -320,37 +375,39 @@ class Agent:
 
 
 class FaultGate:
-    """ASGI middleware at a service's HTTP edge: `gateway-latency` delays every API call
-    through the gateway; `auth-failures` refuses n % of session checks as an invalid
-    token would be."""
+    """ASGI middleware at a service's HTTP edge, around every request: `gateway-latency`
+    delays every API call through the gateway; `auth-failures` refuses n % of session
+    checks as an invalid token would be. The fault work happens in `_intercept`, whose
+    frame is gone by the time the app runs: an error report of the app carries this
+    frame's source lines and locals, and they must not name a fault."""
 
     def __init__(self, app: Any, agent: Agent) -> None:
         self.app = app
         self.agent = agent
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope.get("type") == "http":
-            path = str(scope.get("path", ""))
-            slow = self.agent.active("gateway-latency")
-            if slow is not None and path.startswith("/api/"):
-                await asyncio.sleep(self.agent.intensity(slow, 1.0))
-            failing = self.agent.active("auth-failures")
-            if (
-                failing is not None
-                and path == "/internal/sessions/current"
-                and self.agent._rng.random() < self.agent.intensity(failing, 0.5)
-            ):
-                self._name_route(scope)
-                response = kit.error(
-                    401,
-                    "invalid_token",
-                    "send a valid session as Authorization: Bearer <token>",
-                    field="authorization",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    async def _intercept(self, scope: Any, receive: Any, send: Any) -> bool:
+        """Apply the edge faults; True when the request was answered here."""
+        path = str(scope.get("path", ""))
+        slow = self.agent.active("gateway-latency")
+        if slow is not None and path.startswith("/api/"):
+            await asyncio.sleep(self.agent.intensity(slow, 1.0))
+        failing = self.agent.active("auth-failures")
+        if (
+            failing is None
+            or path != "/internal/sessions/current"
+            or self.agent._rng.random() >= self.agent.intensity(failing, 0.5)
+        ):
+            return False
+        self._name_route(scope)
+        response = kit.error(
+            401,
+            "invalid_token",
+            "send a valid session as Authorization: Bearer <token>",
+            field="authorization",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+        return True
 
     def _name_route(self, scope: Any) -> None:
         """Set the matched route, as the router would, so the refusal is measured and
@@ -363,6 +420,13 @@ class FaultGate:
                 scope.update(child)
                 scope["route"] = route
                 return
+
+    # The app runs from here: the lines around it stay plain.
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and await self._intercept(scope, receive, send):
+            return
+        await self.app(scope, receive, send)
 
 
 _agent: Agent | None = None

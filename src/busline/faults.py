@@ -265,7 +265,10 @@ def parse_duration(text: str | float | int) -> float:
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise TypeError("a duration such as 90s, 3m or 1h")
     if isinstance(text, (int, float)):
-        seconds = float(text)
+        try:
+            seconds = float(text)
+        except OverflowError:
+            raise ValueError(f"must be between 1 s and {MAX_DURATION_S / 3600:g} h") from None
     else:
         found = _DURATION.match(text.strip())
         if not text.strip() or found is None or not any(found.groups()):
@@ -378,7 +381,11 @@ def validate(
         params["intensity"] = value
     if kind.name == "memory-leak":
         params["cap_mb"] = memory_cap_mb()
-    duration = DEFAULT_DURATION_S if duration_s is None else duration_s
+    if duration_s is None:
+        # A job may run only every ten minutes: its fault waits for the run it fails.
+        duration = MAX_DURATION_S if kind.name == "job-failure" else DEFAULT_DURATION_S
+    else:
+        duration = duration_s
     if not 1.0 <= duration <= MAX_DURATION_S:
         raise Invalid("for", f"between 1 s and {MAX_DURATION_S / 3600:g} h")
     return kind, params, duration
@@ -436,7 +443,9 @@ class Registry:
             else []
         )
 
-    def _log(self, event: str, **fields: Any) -> None:
+    def note(self, event: str, **fields: Any) -> None:
+        """A line of the fault tool's own log, `faults/faults.log` (never the process's
+        output, which `lookout run` ships)."""
         line = json.dumps({"at": iso_ms(int(time.time() * 1000)), "event": event, **fields})
         with self.log_path.open("a") as handle:
             handle.write(line + "\n")
@@ -506,13 +515,18 @@ class Registry:
             if kind.name == "buggy-release":
                 if self.supervisor is None or self.deployer is None:
                     raise RefusedError(409, "needs_supervisor", "a release needs `busline up`")
-                params["from_version"] = self.supervisor.releases(target)[-1]
+                try:
+                    params["from_version"] = self.supervisor.releases(target)[-1]
+                except KeyError:
+                    raise RefusedError(
+                        409, "not_running", f"{target} does not run under this supervisor"
+                    ) from None
                 params["version"] = next_version(params["from_version"])
                 self.deployer.deploy_release(target, params["version"])
             self._faults.append(fault)
             self._save()
             self._truth("started", fault)
-            self._log("fault_started", **fault)
+            self.note("fault_started", **fault)
             return self.view(fault)
 
     def stop(self, fault_id: str) -> dict[str, Any]:
@@ -527,6 +541,17 @@ class Registry:
         fault["ended_ms"] = min(now_ms, fault["end_ms"]) if how == "expired" else now_ms
         self._faults.remove(fault)
         self._save()
+        self._truth("ended", fault)
+        self.note("fault_ended", how=how, **fault)
+        try:
+            self._undo(fault)
+        except Exception as exc:  # noqa: BLE001 - an ended fault must never stop the platform
+            self.note("fault_undo_failed", id=fault["id"], error=f"{type(exc).__name__}: {exc}")
+        return {**self.view(fault), "ended_ms": fault["ended_ms"], "how": how}
+
+    def _undo(self, fault: Mapping[str, Any]) -> None:
+        """What ending a fault does beyond the agents: withdraw a bad release (unless someone
+        rolled it back already), start a crash-looping service at once."""
         kind, target = fault["kind"], fault["target"]
         if kind == "buggy-release" and self.deployer is not None and self.supervisor is not None:
             version = fault["params"]["version"]
@@ -534,16 +559,26 @@ class Registry:
                 self.deployer.withdraw_release(target, version)
         if kind == "crash-loop" and self.supervisor is not None:
             self.supervisor.kick(target)
-        self._truth("ended", fault)
-        self._log("fault_ended", how=how, **fault)
-        return {**self.view(fault), "ended_ms": fault["ended_ms"], "how": how}
 
     def expire(self) -> list[dict[str, Any]]:
-        """End the faults whose time is up; what ended."""
+        """End the faults whose time is up, and job failures whose failed run and retry are
+        over; what ended."""
         now_ms = int(time.time() * 1000)
         with self._lock:
             due = [f for f in self._faults if f["end_ms"] <= now_ms]
-            return [self._end(f, "expired") for f in due]
+            done = [f for f in self._faults if f not in due and self._job_failed(f)]
+            return [self._end(f, "expired") for f in due] + [self._end(f, "done") for f in done]
+
+    @staticmethod
+    def _job_failed(fault: Mapping[str, Any]) -> bool:
+        """A job failure whose run failed (the agent's marker) and whose retry is due."""
+        if fault["kind"] != "job-failure":
+            return False
+        try:
+            failed_at = (faults_dir() / f"used-{fault['id']}").stat().st_mtime
+        except OSError:
+            return False
+        return time.time() - failed_at > kit.job_retry_s() + 5.0
 
     def stop_all(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -596,6 +631,36 @@ def kinds_view() -> list[dict[str, Any]]:
     return out
 
 
+def start_request(body: Mapping[str, Any]) -> dict[str, Any]:
+    """`Registry.start`'s arguments from a `POST /faults/v1/faults` body, or `Invalid`
+    naming the field."""
+    intensity = body.get("intensity")
+    if intensity is not None:
+        if isinstance(intensity, bool) or not isinstance(intensity, (int, float)):
+            raise Invalid("intensity", "must be a number")
+        try:
+            intensity = float(intensity)
+        except OverflowError:
+            raise Invalid("intensity", "is out of range") from None
+    duration: float | None = None
+    if body.get("for") is not None:
+        try:
+            duration = parse_duration(body["for"])
+        except (TypeError, ValueError) as exc:
+            raise Invalid("for", str(exc)) from None
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise Invalid("seed", "must be an integer")
+    return {
+        "kind_name": kit.text_field(body, "kind", max_len=40),
+        "target": kit.text_field(body, "target", required=False, max_len=40),
+        "intensity": intensity,
+        "duration_s": duration,
+        "scenario_id": kit.text_field(body, "scenario_id", required=False, max_len=120) or None,
+        "seed": seed,
+    }
+
+
 def create_app(registry: Registry, token: str | None = None) -> Any:
     """The fault API (docs/busline.md); with `token`, every call needs `Bearer token`."""
     from starlette.applications import Starlette
@@ -613,6 +678,11 @@ def create_app(registry: Registry, token: str | None = None) -> Any:
                 result: Response = await handler(request)
             except RefusedError as exc:
                 return kit.error(exc.status, exc.code, exc.message, field=exc.field)
+            except Invalid:
+                raise  # answered 4xx by the app's handler
+            except Exception as exc:  # noqa: BLE001 - into faults.log, not the process's logs
+                registry.note("fault_api_failed", error=f"{type(exc).__name__}: {exc}")
+                return kit.error(500, "internal_error", "the fault API failed; see faults.log")
             return result
 
         return route
@@ -627,32 +697,7 @@ def create_app(registry: Registry, token: str | None = None) -> Any:
         )
 
     async def start(request: Request) -> Response:
-        body = await kit.json_object(request)
-        kind = kit.text_field(body, "kind", max_len=40)
-        target = kit.text_field(body, "target", required=False, max_len=40)
-        intensity = body.get("intensity")
-        if intensity is not None and (
-            isinstance(intensity, bool) or not isinstance(intensity, (int, float))
-        ):
-            raise Invalid("intensity", "must be a number")
-        duration: float | None = None
-        if body.get("for") is not None:
-            try:
-                duration = parse_duration(body["for"])
-            except (TypeError, ValueError) as exc:
-                raise Invalid("for", str(exc)) from None
-        scenario_id = kit.text_field(body, "scenario_id", required=False, max_len=120) or None
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise Invalid("seed", "must be an integer")
-        started = registry.start(
-            kind,
-            target,
-            None if intensity is None else float(intensity),
-            duration,
-            scenario_id=scenario_id,
-            seed=seed,
-        )
+        started = registry.start(**start_request(await kit.json_object(request)))
         return JSONResponse(started, status_code=201)
 
     async def stop(request: Request) -> Response:
@@ -715,6 +760,8 @@ class Client:
         try:
             data = response.json()
         except ValueError:
+            data = None
+        if not isinstance(data, dict):
             data = {"error": "bad_answer", "message": response.text[:200]}
         if response.status_code >= 400:
             where = f"{data['field']}: " if data.get("field") else ""
@@ -814,6 +861,12 @@ def _command(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         print(json.dumps(listed, indent=1))
         return 0
+    ended = listed.get("ended") or []
+    for record in ended[-10:]:
+        print(
+            f"{record['id']}  {record['kind']:20} {record['target']:22} "
+            f"ended {record.get('end')}  (ran from {record.get('start')})"
+        )
     if not listed["active"]:
         print("no fault in force")
     for fault in listed["active"]:

@@ -62,7 +62,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import lookout.sdk
-from busline import db, fault_agent, kit
+from busline import db, features, kit
 from busline.provider_api import ProviderClient, ProviderFailureError, parse_callback
 
 NAME = "payments"
@@ -677,7 +677,7 @@ class Payments:
             with tracer.start_as_current_span("mpesa-reconciliation", context=Context()) as span:
                 try:
                     with lookout.sdk.job_run("mpesa-reconciliation", interval_minutes=minutes):
-                        kit.job_starting("mpesa-reconciliation")
+                        kit.job_preflight("mpesa-reconciliation")
                         checked, _ = await self.reconcile()
                     span.set_attribute("payment.checked", checked)
                     log.info("reconciliation_done", checked=checked)
@@ -731,7 +731,7 @@ def _answer(payment: Payment) -> JSONResponse:
     return JSONResponse(payment.view(), status_code=202 if payment.status == "pending" else 200)
 
 
-#: The fee a release that shipped with a bug tried to split across discounts.
+#: The convenience fee, split across a payment's discounts.
 CONVENIENCE_FEE_KES = 30
 
 
@@ -750,9 +750,7 @@ async def create_payment(request: Request) -> JSONResponse:
     # The one rule every service uses: a number ticketing and the SMS gateway take too.
     phone = kit.phone_field(data)
     provider = kit.text_field(data, "provider", required=False, choices=kit.PROVIDERS)
-    if fault_agent.agent().release_bug():
-        # What a bad release broke (the `buggy-release` fault; the only fault that branches
-        # inside service code): a per-discount fee split with no discounts to split over.
+    if features.enabled("fee_split"):
         discounts = data.get("discounts") or []
         data["fee_share_kes"] = CONVENIENCE_FEE_KES / len(discounts)
     lookout.sdk.set_user(user_id)

@@ -85,6 +85,8 @@ def load(path: Path, seed: int) -> Scenario:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ScenarioError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ScenarioError(f"{path}: not YAML or JSON: {exc}") from None
     return build(data, seed, str(path))
@@ -105,7 +107,22 @@ def build(data: Any, seed: int, where: str = "scenario") -> Scenario:
     rng = random.Random(f"{name}/{seed}")  # noqa: S311 - a reproducible draw, not secrets
     steps = [_step(entry, rng, f"{where}: faults[{i}]") for i, entry in enumerate(entries)]
     steps.sort(key=lambda s: (s.at_s, s.kind, s.target))
+    _no_overlaps(steps, where)
     return Scenario(name.strip(), str(data.get("description") or ""), tuple(steps))
+
+
+def _no_overlaps(steps: list[Step], where: str) -> None:
+    """One kind runs once per target at a time (the fault API answers 409 otherwise):
+    refuse a schedule where two would, before anything starts."""
+    last_end: dict[tuple[str, str], float] = {}
+    for step in steps:
+        key = (step.kind, step.target)
+        if key in last_end and step.at_s < last_end[key]:
+            raise ScenarioError(
+                f"{where}: {step.kind} on {step.target} at +{step.at_s:g}s overlaps the one "
+                f"before it (until +{last_end[key]:g}s)"
+            )
+        last_end[key] = step.at_s + step.for_s
 
 
 def _seconds(value: Any, where: str, *, zero: bool = False) -> float:
@@ -154,11 +171,14 @@ def _intensity(value: Any, rng: random.Random, where: str) -> float | None:
     """A number, or one drawn from a range `[low, high]`."""
     if value is None:
         return None
-    if isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value):
-        return round(rng.uniform(float(value[0]), float(value[1])), 3)
-    if not _number(value):
-        raise ScenarioError(f"{where}: a number or a range [low, high]")
-    return float(value)
+    try:
+        if isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value):
+            return round(rng.uniform(float(value[0]), float(value[1])), 3)
+        if _number(value):
+            return float(value)
+    except OverflowError:
+        raise ScenarioError(f"{where}: out of range") from None
+    raise ScenarioError(f"{where}: a number or a range [low, high]")
 
 
 def _number(value: Any) -> bool:
@@ -182,9 +202,10 @@ def run(scenario: Scenario, seed: int, client: faults.Client) -> int:
     """Start each fault on time; wait until the last has ended. Ctrl-C stops the faults
     this run started and exits 130."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    scenario_id = f"{scenario.name}-{seed}-{stamp}"
+    scenario_id = f"{scenario.name}-{seed}-{stamp}"[-120:]  # the API's limit
     started: list[str] = []
     interrupted = False
+    failed: BaseException | None = None
 
     def on_signal(_signum: int, _frame: Any) -> None:
         nonlocal interrupted
@@ -196,7 +217,7 @@ def run(scenario: Scenario, seed: int, client: faults.Client) -> int:
     try:
         for step in scenario.steps:
             while not interrupted and time.monotonic() - t0 < step.at_s:
-                time.sleep(min(0.2, step.at_s - (time.monotonic() - t0)))
+                time.sleep(max(0.0, min(0.2, step.at_s - (time.monotonic() - t0))))
             if interrupted:
                 break
             fault = client.start(
@@ -216,13 +237,15 @@ def run(scenario: Scenario, seed: int, client: faults.Client) -> int:
         print(file=sys.stderr)
     except KeyboardInterrupt:
         interrupted = True
+    except (SystemExit, Exception) as exc:  # noqa: BLE001 - whatever it was, clean up first
+        failed = exc
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if interrupted:
-        active = {f["id"] for f in client.list()["active"]}
-        for fault_id in started:
-            if fault_id in active:
-                client.stop(fault_id)
+    if interrupted or failed is not None:
+        _stop_started(client, started, scenario_id)
+        if failed is not None:
+            print(f"\nscenario {scenario_id}: stopped: {failed}", file=sys.stderr)
+            return 1
         print(f"scenario {scenario_id}: stopped", file=sys.stderr)
         return 130
     # Listing ends what is due, so the ground truth holds every end when this returns.
@@ -233,6 +256,17 @@ def run(scenario: Scenario, seed: int, client: faults.Client) -> int:
         time.sleep(0.2)
     print(f"scenario {scenario_id}: done", file=sys.stderr)
     return 0
+
+
+def _stop_started(client: faults.Client, started: list[str], scenario_id: str) -> None:
+    """What a run started ends with it, rather than running on for its duration."""
+    try:
+        active = {f["id"] for f in client.list()["active"]}
+        for fault_id in started:
+            if fault_id in active:
+                client.stop(fault_id)
+    except SystemExit as exc:
+        print(f"scenario {scenario_id}: could not stop its faults: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

@@ -83,6 +83,7 @@ class Child:
     last_exit: int | None = None
     intentional: bool = False  # stopped on purpose (restart, deploy): no backoff
     stop_sent_at: float | None = None  # SIGTERM sent; SIGKILL after the grace
+    kicked: bool = False  # start again at once after this exit, not after a backoff
 
     @property
     def version(self) -> str:
@@ -213,8 +214,9 @@ class Supervisor:
             if process is not None and process.poll() is not None and child.start_at is None:
                 child.stop_sent_at = None
                 child.last_exit = process.returncode
-                if child.intentional:
+                if child.intentional or child.kicked:
                     child.start_at = now
+                    child.kicked = False
                 else:
                     if now - child.started_at >= HEALTHY_AFTER_S:
                         child.backoff_s = BACKOFF_START_S
@@ -266,12 +268,23 @@ class Supervisor:
         self.stop(child)
         return child.version
 
+    def end_due_faults(self) -> None:
+        """End the faults whose time is up. Never fatal: the platform runs on."""
+        try:
+            self.faults.expire()
+        except Exception as exc:  # noqa: BLE001 - noted in faults.log, not our logs
+            self.faults.note("fault_expire_failed", error=f"{type(exc).__name__}: {exc}")
+
     def kick(self, name: str) -> None:
         """Start `name` now when it waits out a restart backoff (a crash loop was fixed)."""
         child = self.children.get(name)
-        if child is not None and child.start_at is not None:
+        if child is None:
+            return
+        child.backoff_s = BACKOFF_START_S
+        if child.start_at is not None:
             child.start_at = time.monotonic()
-            child.backoff_s = BACKOFF_START_S
+        elif child.process is not None and child.process.poll() is not None:
+            child.kicked = True  # exited, and check() has not seen it yet
 
     def status(self) -> dict[str, Any]:
         out = {}
@@ -464,7 +477,8 @@ class Supervisor:
         last_stats = 0.0
         while not done.is_set():
             self.check()
-            await asyncio.to_thread(self.faults.expire)
+            # On this thread, as the control and fault APIs' handlers are: one at a time.
+            self.end_due_faults()
             if time.monotonic() - last_stats >= 5.0:
                 last_stats = time.monotonic()
                 await asyncio.to_thread(self.export_queue_stats)
@@ -472,7 +486,10 @@ class Supervisor:
                 await asyncio.wait_for(done.wait(), timeout=0.5)
         self.stopping = True
         self._log("supervisor_stopping")
-        await asyncio.to_thread(self.faults.stop_all)
+        try:
+            self.faults.stop_all()
+        except Exception as exc:  # noqa: BLE001 - stopping goes on regardless
+            self.faults.note("fault_stop_all_failed", error=f"{type(exc).__name__}: {exc}")
         for server, _ in servers:
             server.should_exit = True
         await asyncio.to_thread(self.stop_all)

@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
-from busline import db, fault_agent, kit, queue, routes
+from busline import db, features, kit, queue, routes
 from busline.timetable import local_time, parse_trip_id, seat_labels, service_window, trips_on
 from lookout import sdk
 
@@ -615,7 +615,7 @@ class Ticketing:
                         SWEEPER_JOB, context=otel_context.Context(), attributes={"job": SWEEPER_JOB}
                     ),
                 ):
-                    kit.job_starting(SWEEPER_JOB)
+                    kit.job_preflight(SWEEPER_JOB)
                     await asyncio.to_thread(self.sweep, self.clock())
             except Exception as exc:  # one failed run must not stop the job
                 log.exception("seat_hold_sweep_failed", error=f"{type(exc).__name__}: {exc}")
@@ -809,7 +809,7 @@ def booking_view(row: Any, now: float) -> dict[str, Any]:
 # ---------------------------------------------------------------- HTTP
 
 
-#: Seats by preference, as a release that shipped with a bug looked them up.
+#: Seats by a customer's saved preference.
 SEAT_PREFERENCES = {"window": "1A", "aisle": "1B"}
 
 
@@ -868,10 +868,8 @@ def create_app(clock: Callable[[], float] = time.time) -> Starlette:
         trip_id = kit.text_field(body, "trip_id", max_len=80)
         seat = kit.text_field(body, "seat", required=False, max_len=4).strip().upper() or None
         sdk.set_user(user_id)
-        if fault_agent.agent().release_bug():
-            # What a bad release broke (the `buggy-release` fault; the only fault that
-            # branches inside service code): a seat-preference lookup without a default.
-            seat = SEAT_PREFERENCES[str(body.get("seat_preference", "any"))]
+        if features.enabled("seat_preferences"):
+            seat = seat or SEAT_PREFERENCES[str(body.get("seat_preference", "any"))]
         booking = await asyncio.to_thread(service.hold, user_id, trip_id, seat, clock())
         return JSONResponse(booking, status_code=201)
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import pytest
 
 from busline import faults, journeys
 from tests.busline.test_end_to_end import Up, busline_up, check_the_journey_through_lookout
+from tests.server.conftest import DSN_KEY
 from tests.support import ROOT, wait_until
 
 ENV = {
@@ -539,8 +541,15 @@ def test_no_fault_kind_or_id_reached_lookout(live: Live) -> None:
         assert not [n for n in needles if n in text], f"label {label} names a fault"
     issues = httpx.get(
         f"{live.server.url}/api/lookout/issues", params={"start": since}, timeout=10
-    ).text
-    assert not [n for n in needles if n in issues], "an error names a fault"
+    ).json()["issues"]
+    assert issues, "the faults above caused errors (the bad release's at least)"
+    for issue in issues[:40]:
+        # The whole events: stack frames with their source lines and local variables.
+        events = httpx.get(
+            f"{live.server.url}/api/lookout/issues/{issue['issue_id']}", timeout=10
+        ).text
+        leaked = [n for n in needles if n in events]
+        assert not leaked, f"an error event of {issue['issue_id']} names {leaked}"
     for summary in live.traces(float(since), limit="100")[:40]:
         spans = httpx.get(
             f"{live.server.url}/api/lookout/traces/{summary['trace_id']}", timeout=10
@@ -555,6 +564,33 @@ def test_no_fault_kind_or_id_reached_lookout(live: Live) -> None:
     posted = httpx.post(f"{live.server.url}/loki/api/v1/push", json=push, timeout=10)
     assert posted.status_code < 300, posted.text
     wait_until(lambda: live.logs(float(since), q=ids[0]) != [], 20, "the probe line")
+    # ... and an error event that does, by the same walk over the issues' events.
+    probe = {
+        "event_id": uuid.uuid4().hex,
+        "message": f"probe {ids[0]}",
+        "level": "error",
+        "platform": "python",
+        "timestamp": time.time(),
+    }
+    sent = httpx.post(
+        f"{live.server.url}/api/1/store/",
+        json=probe,
+        headers={"X-Sentry-Auth": f"Sentry sentry_version=7, sentry_key={DSN_KEY}"},
+        timeout=10,
+    )
+    assert sent.status_code < 300, sent.text
+
+    def probe_found() -> bool:
+        found = httpx.get(
+            f"{live.server.url}/api/lookout/issues", params={"start": since}, timeout=10
+        ).json()["issues"]
+        return any(
+            ids[0]
+            in httpx.get(f"{live.server.url}/api/lookout/issues/{i['issue_id']}", timeout=10).text
+            for i in found
+        )
+
+    wait_until(probe_found, 20, "the probe event")
 
 
 # ---------------------------------------------------------------- PostgreSQL and RabbitMQ

@@ -208,6 +208,42 @@ def test_a_bad_release_is_deployed_and_withdrawn_through_the_supervisor(state: P
         faults.Registry().start("buggy-release", "ticketing", 0.2, 60)
 
 
+def test_an_undo_that_fails_still_ends_the_fault_and_records_it(state: Path) -> None:
+    """Withdrawing a release can fail (an operator rolled back meanwhile, say): the fault
+    still ends, its end is in the ground truth, and the failure goes to faults.log."""
+
+    class Failing(FakeSupervisor):
+        def withdraw_release(self, name: str, version: str) -> None:
+            raise RuntimeError("rollback refused")
+
+    supervisor = Failing()
+    registry = faults.Registry(supervisor, supervisor)
+    fault = registry.start("buggy-release", "ticketing", 0.5, 60)
+    ended = registry.stop(fault["id"])
+    assert ended["how"] == "stopped"
+    (record,) = faults.read_ground_truth()
+    assert record["event"] == "ended"
+    assert "fault_undo_failed" in (state / "faults" / "faults.log").read_text()
+
+
+def test_a_job_failure_waits_for_its_run_and_ends_after_the_retry(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BUSLINE_JOB_RETRY_S", "1")
+    registry = faults.Registry()
+    fault = registry.start("job-failure", "mpesa-reconciliation", None, None)
+    assert fault["end_ms"] - fault["start_ms"] == faults.MAX_DURATION_S * 1000
+    assert registry.expire() == []  # the run has not failed yet
+    agent = fault_agent.Agent("payments")
+    agent.refresh()
+    assert agent.job_fails("mpesa-reconciliation") is True
+    marker = state / "faults" / f"used-{fault['id']}"
+    assert registry.expire() == [], "the retry is not due yet"
+    os.utime(marker, (time.time() - 10, time.time() - 10))
+    (ended,) = registry.expire()
+    assert (ended["id"], ended["how"]) == (fault["id"], "done")
+
+
 # ---------------------------------------------------------------- the HTTP API
 
 
@@ -234,6 +270,8 @@ def test_the_api_starts_lists_and_stops_and_names_bad_fields(state: Path) -> Non
                 ({"kind": "cpu-hog", "target": "auth", "for": [1]}, "for"),
                 ({"kind": "cpu-hog", "target": "auth", "for": "soon"}, "for"),
                 ({"kind": "cpu-hog", "target": "auth", "seed": 1.5}, "seed"),
+                ({"kind": "cpu-hog", "target": "auth", "intensity": 10**400}, "intensity"),
+                ({"kind": "cpu-hog", "target": "auth", "for": 10**400}, "for"),
                 ({"kind": "cpu-hog"}, "target"),
                 ({"target": "auth"}, "kind"),
             ):
@@ -469,6 +507,20 @@ def test_bundled_scenarios_are_valid_for_any_seed() -> None:
         ({"name": "x", "faults": [{"kind": "db-slow", "target": "auth", "for": "x"}]}, ".for"),
         ({"name": "x", "faults": [{"kind": "db-slow", "target": "auth", "oops": 1}]}, "oops"),
         ({"name": "x", "faults": []}, "faults"),
+        (
+            {
+                "name": "x",
+                "faults": [
+                    {"at": "0s", "kind": "db-slow", "target": "auth", "for": "2m"},
+                    {"at": "1m", "kind": "db-slow", "target": "auth", "for": "2m"},
+                ],
+            },
+            "overlaps",
+        ),
+        (
+            {"name": "x", "faults": [{"kind": "db-slow", "target": "auth", "intensity": 10**400}]},
+            "out of range",
+        ),
         ({"faults": [{"kind": "db-slow", "target": "auth"}]}, "name"),
         ([1, 2], "mapping"),
     ],
@@ -478,3 +530,40 @@ def test_a_bad_scenario_names_where_it_is_wrong(data: Any, where: str) -> None:
         scenarios.ScenarioError, match=where.replace("[", r"\[").replace("]", r"\]")
     ):
         scenarios.build(data, 1, "f.yaml")
+
+
+class ScriptedClient:
+    """The fault API as a scenario run sees it: the second start is refused."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+
+    def start(self, **body: Any) -> dict[str, Any]:
+        if self.started:
+            raise SystemExit("busline fault: target: refused")
+        self.started.append("flt-1")
+        return {"id": "flt-1", **body}
+
+    def list(self) -> dict[str, Any]:
+        return {"active": [{"id": i} for i in self.started if i not in self.stopped]}
+
+    def stop(self, fault_id: str) -> dict[str, Any]:
+        self.stopped.append(fault_id)
+        return {"id": fault_id}
+
+
+def test_a_scenario_that_fails_midway_stops_what_it_started() -> None:
+    scenario = scenarios.build(
+        {
+            "name": "two",
+            "faults": [
+                {"at": "0s", "kind": "db-slow", "target": "auth", "for": "1h"},
+                {"at": "0s", "kind": "cpu-hog", "target": "auth", "for": "1h"},
+            ],
+        },
+        1,
+    )
+    client = ScriptedClient()
+    assert scenarios.run(scenario, 1, client) == 1  # type: ignore[arg-type]
+    assert client.stopped == ["flt-1"]
