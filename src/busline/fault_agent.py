@@ -1,17 +1,18 @@
 """The half of fault injection that runs inside each busline process.
 
 `busline.faults` keeps the faults in force in `$BUSLINE_STATE/faults/active.json`; each
-process's agent reads that file (a quarter-second poll of its mtime) and applies the faults
+process's agent reads that file (a quarter-second poll) and applies the faults
 aimed at it at the boundary their names say, from outside the business logic:
 
 - the process itself: `crash-loop` exits it, `service-unavailable` closes its listening
-  socket (and drops open connections), `memory-leak` allocates and `cpu-hog` burns a thread;
+  socket (and its keep-alive connections), `memory-leak` allocates and `cpu-hog` burns a
+  thread;
 - the database layer (`install_db`): `db-slow` sleeps around each statement (`pg_sleep` on
   PostgreSQL), `pool-exhaustion` checks pool connections out and holds them;
 - the consumer loop (`gated`): `consumer-stuck` stops taking messages, `consumer-slow`
   waits before each;
 - the HTTP edge of a service (`FaultGate`): `gateway-latency` and `auth-failures`;
-- the providers simulator (`providers_faults`, one listening port per provider): down,
+- the providers simulator (`provider`, and one listening port per provider): down,
   slow, erroring, callbacks held;
 - fleet's GPS feed (`stale_buses`), the job runner (`job_fails`), and the one fault that
   branches inside service code, a bad release's `release_bug`.
@@ -129,7 +130,6 @@ class Agent:
         self._filler: threading.Thread | None = None
         self._leak: list[bytearray] = []
         self._hog: threading.Thread | None = None
-        self._used_job_faults: set[str] = set()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ reading the faults
