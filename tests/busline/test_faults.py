@@ -468,6 +468,39 @@ def test_the_agent_writes_nothing_that_lookout_ingests() -> None:
     assert printed == []
 
 
+def test_faults_hook_in_only_at_their_boundaries() -> None:
+    """Where busline's code reaches the fault agent, pinned: the shared plumbing (kit: the
+    listening sockets, the edge middleware, the job runner; db: the cursor hook), the
+    consumer loop, the GPS feed, the providers simulator; and the one branch inside service
+    code, a release's feature-flagged path, in ticketing and payments only. A new call site
+    anywhere else makes this fail."""
+    expected = {
+        "db.py": {"fault_agent"},
+        "kit.py": {"fault_agent"},
+        "notifier.py": {"fault_agent"},
+        "fleet.py": {"fault_agent"},
+        "providers.py": {"fault_agent"},
+        "ticketing.py": {"features.enabled"},
+        "payments.py": {"features.enabled"},
+    }
+    found: dict[str, set[str]] = {}
+    for path in sorted(SRC.glob("*.py")):
+        if path.name in ("fault_agent.py", "faults.py", "features.py", "scenarios.py"):
+            continue
+        text = path.read_text()
+        hooks = {h for h in ("fault_agent", "features.enabled") if h in text}
+        if hooks:
+            found[path.name] = hooks
+    assert found == expected
+    calls = [
+        line.strip()
+        for name in ("ticketing.py", "payments.py")
+        for line in (SRC / name).read_text().splitlines()
+        if "features.enabled(" in line
+    ]
+    assert len(calls) == 2, calls
+
+
 # ---------------------------------------------------------------- scenarios
 
 
