@@ -48,6 +48,20 @@ def test_a_line_is_one_json_object_with_the_standard_fields(
     }
 
 
+def test_a_service_field_never_passes_the_line_off_as_another_service(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`service` names the writer; a caller's own `service=` is kept as `peer_service`."""
+    _init()
+    capsys.readouterr()
+    lookout.sdk.get_logger("calls").warning("upstream_slow", service="payments")
+    lookout.sdk.get_logger("calls").info("self_check", service="ticketing")
+    slow, same = _lines(capsys)
+    assert (slow["service"], slow["peer_service"]) == ("ticketing", "payments")
+    assert same["service"] == "ticketing"
+    assert "peer_service" not in same
+
+
 def test_trace_and_span_ids_are_lowercase_hex_while_a_span_is_current(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

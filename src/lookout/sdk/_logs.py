@@ -139,7 +139,13 @@ class LogPipeline:
         return event
 
     def _add_service(self, _: Any, __: str, event: EventDict) -> EventDict:
-        event.setdefault("service", self.service)
+        # `service` names the process that wrote the line (Lookout files the line under
+        # it). A field of that name from the caller is about another service: keep it
+        # as `peer_service` rather than let it pass the line off as that service's.
+        given = event.get("service")
+        if given is not None and given != self.service:
+            event.setdefault("peer_service", given)
+        event["service"] = self.service
         event.setdefault("logger", self.service)
         return event
 
