@@ -536,6 +536,8 @@ class Payments:
         payment already failed (timed out, say) means money taken without a ticket: count
         it as a refund to make, loudly."""
         refund = reported == "success" and current.status == "failed"
+        if refund:
+            refunds_required.labels(provider=current.provider).inc()
         (log.error if refund else log.warning)(
             "payment_result_conflict",
             payment_id=current.payment_id,
@@ -544,8 +546,6 @@ class Payments:
             source=source,
             refund_required=refund,
         )
-        if refund:
-            refunds_required.labels(provider=current.provider).inc()
 
     @contextlib.contextmanager
     def continuing(
