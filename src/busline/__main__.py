@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return loadgen.main(argv[1:])
     if argv[:1] == ["fault"]:
-        from busline import faults
+        from busline import fault_api
 
-        return faults.main(argv[1:])
+        return fault_api.main(argv[1:])
     if argv[:1] == ["scenario"]:
         from busline import scenarios
 

@@ -468,9 +468,10 @@ def instrument(service: str, app: Any = None, *, edge: bool = False) -> Any:
     import lookout.sdk
     from busline import fault_agent
 
-    agent = fault_agent.start(service)
-    if app is not None:
-        app = fault_agent.FaultGate(app, agent)
+    if service in SERVICES:  # the supervisor applies no fault to itself: no agent there
+        agent = fault_agent.start(service)
+        if app is not None:
+            app = fault_agent.FaultGate(app, agent)
     return lookout.sdk.init(
         service=service,
         app=app,

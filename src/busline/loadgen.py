@@ -413,30 +413,26 @@ def _duration(text: str) -> float:
     return value
 
 
-def _in_flight(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a bound. Expected a whole number of journeys from 1 to 10000, "
-            f"such as {DEFAULT_MAX_IN_FLIGHT}."
-        )
-    return value
+def _whole(what: str, low: int, high: int, example: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of `what` from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a number of {what}. Expected a whole number from {low} to "
+                f"{high}, such as {example}."
+            )
+        return value
+
+    return parse
 
 
-def _customers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 100_000:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a number of customers. Expected a whole number from 1 to "
-            f"100000, such as {CUSTOMERS}."
-        )
-    return value
+_in_flight = _whole("journeys", 1, 10_000, DEFAULT_MAX_IN_FLIGHT)
+_customers = _whole("customers", 1, 100_000, CUSTOMERS)
 
 
 def _gateway(text: str) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from busline import faults, kit
+from busline import fault_api, faults, kit
 
 BUNDLED = Path(__file__).parent / "scenarios"
 
@@ -198,7 +198,7 @@ def schedule_lines(scenario: Scenario, seed: int) -> list[str]:
     return lines
 
 
-def run(scenario: Scenario, seed: int, client: faults.Client) -> int:
+def run(scenario: Scenario, seed: int, client: fault_api.Client) -> int:
     """Start each fault on time; wait until the last has ended. Ctrl-C stops the faults
     this run started and exits 130."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -258,7 +258,7 @@ def run(scenario: Scenario, seed: int, client: faults.Client) -> int:
     return 0
 
 
-def _stop_started(client: faults.Client, started: list[str], scenario_id: str) -> None:
+def _stop_started(client: fault_api.Client, started: list[str], scenario_id: str) -> None:
     """What a run started ends with it, rather than running on for its duration."""
     try:
         active = {f["id"] for f in client.list()["active"]}
@@ -310,5 +310,5 @@ def main(argv: list[str]) -> int:
         else:
             print("\n".join(schedule_lines(scenario, args.seed)))
         return 0
-    with contextlib.closing(faults.Client(args.url)) as client:
+    with contextlib.closing(fault_api.Client(args.url)) as client:
         return run(scenario, args.seed, client)

@@ -434,7 +434,7 @@ class Supervisor:
     async def run(self) -> int:
         import uvicorn
 
-        from busline import control, faults
+        from busline import control, fault_api, faults
 
         _QuietServer = _quiet_server_class()  # noqa: N806 - a class
 
@@ -447,13 +447,13 @@ class Supervisor:
         # Faults have their own API, port and token: whoever may act on busline (and
         # Lookout's diagnosis) may not read the ground truth.
         self.faults = faults.Registry(self, ReleasePipeline(controls))
-        fault_api = faults.create_app(
+        fault_app = fault_api.create_app(
             self.faults, token=os.environ.get("BUSLINE_FAULTS_TOKEN") or None
         )
         servers = []
         for name, app, port in (
             ("supervisor", api, self.options.control_port),
-            ("faults", fault_api, 0),
+            ("faults", fault_app, 0),
         ):
             config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
             sock = kit.bind(self.options.control_host, port)

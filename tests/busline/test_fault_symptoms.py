@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from busline import faults, journeys
+from busline import fault_api, faults, journeys
 from tests.busline.test_end_to_end import Up, busline_up, check_the_journey_through_lookout
 from tests.server.conftest import DSN_KEY
 from tests.support import ROOT, wait_until
@@ -48,7 +48,7 @@ class Live:
     def __init__(self, up: Up) -> None:
         self.up = up
         self.server = up.server
-        self.faults = faults.Client(up.url("faults"))
+        self.faults = fault_api.Client(up.url("faults"))
         self.started: list[str] = []
         self.token = ""
 

@@ -199,7 +199,7 @@ def test_no_progress_line_when_stderr_is_not_a_terminal() -> None:
         (["--rate", "101"], "argument --rate: '101' is not a rate in (0, 100]"),
         (["--rate", "fast"], "argument --rate: 'fast' is not a rate in (0, 100]"),
         (["--duration", "-1"], "argument --duration: '-1' is not a duration"),
-        (["--max-in-flight", "0"], "argument --max-in-flight: '0' is not a bound"),
+        (["--max-in-flight", "0"], "argument --max-in-flight: '0' is not a number of journeys"),
         (["--gateway", "localhost:80"], "argument --gateway: 'localhost:80' is not a URL"),
     ],
 )
