@@ -12,6 +12,7 @@ per request.
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import os
 import random
@@ -330,23 +331,59 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return found["VmRSS"], found["VmHWM"]
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size in MB: shared pages (a forked worker's) counted once in all."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (the decoding forkserver and its workers)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class ProcessWatch:
-    """A process's CPU over a window, and its resident memory sampled every 0.5 s."""
+    """A server's CPU over a window, and its memory sampled every 0.5 s: the server
+    process alone (RSS), and with its decoding workers (their CPU, and PSS in all)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.rss: list[float] = []
+        self.tree_pss: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def _tree_cpu(self) -> dict[int, float]:
+        found = {}
+        for pid in [self.pid, *descendants(self.pid)]:
+            with contextlib.suppress(OSError):
+                found[pid] = cpu_seconds(pid)
+        return found
+
     def __enter__(self) -> ProcessWatch:
-        self.began, self.began_cpu = time.monotonic(), cpu_seconds(self.pid)
+        self.began, self.began_cpu = time.monotonic(), self._tree_cpu()
         self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self.wall = time.monotonic() - self.began
-        self.cpu = cpu_seconds(self.pid) - self.began_cpu
+        ended = self._tree_cpu()
+        self.cpu = ended[self.pid] - self.began_cpu[self.pid]
+        self.tree_cpu = sum(cpu - self.began_cpu.get(pid, 0.0) for pid, cpu in ended.items())
         self.peak_mb = memory_mb(self.pid)[1]
         self._stop.set()
         self._thread.join()
@@ -355,16 +392,27 @@ class ProcessWatch:
         while not self._stop.wait(0.5):
             try:
                 self.rss.append(memory_mb(self.pid)[0])
+                total = 0.0
+                for pid in [self.pid, *descendants(self.pid)]:
+                    with contextlib.suppress(OSError):
+                        total += pss_mb(pid)
+                self.tree_pss.append(total)
             except (OSError, KeyError):
                 return
 
     def figures(self) -> dict[str, Any]:
+        def most(values: list[float]) -> float | None:
+            return round(max(values), 1) if values else None
+
         return {
             "server_cpu_s": round(self.cpu, 2),
             "server_cores": round(self.cpu / self.wall, 3),
-            "server_rss_mb_max": round(max(self.rss), 1) if self.rss else None,
+            "server_and_decoders_cpu_s": round(self.tree_cpu, 2),
+            "server_and_decoders_cores": round(self.tree_cpu / self.wall, 3),
+            "server_rss_mb_max": most(self.rss),
             "server_rss_mb_median": round(statistics.median(self.rss), 1) if self.rss else None,
             "server_rss_mb_peak_since_start": round(self.peak_mb, 1),
+            "server_and_decoders_pss_mb_max": most(self.tree_pss),
         }
 
 
@@ -538,6 +586,8 @@ def ceiling(spec: CeilingSpec) -> dict[str, Any]:
 def _ceiling_run(
     spec: CeilingSpec, template: Template, runtime: Any, otlp: Any, batch_type: Any
 ) -> dict[str, Any]:
+    from lookout.model import LogColumns
+
     writer = runtime.writer
     stages = dict.fromkeys(("decode", "convert", "scrub", "commit", "derived"), 0.0)
     observe = writer.on_commit
@@ -550,7 +600,7 @@ def _ceiling_run(
     writer.on_commit = timed_observe
     convert = otlp.spans if spec.signal == "traces" else otlp.logs
     limits = runtime.limits
-    pending: list[Any] = []
+    pending: Any = [] if spec.signal == "traces" else LogColumns()
     stored = 0
     requests = 0
     samples: list[str] = []
@@ -570,13 +620,14 @@ def _ceiling_run(
         c0, t0 = cpu(), clock()
         message = otlp.decode(spec.signal, body, CONTENT_TYPE)
         t1 = clock()
-        pending += convert(message, limits, time.time_ns()).records
+        outcome = convert(message, limits, time.time_ns())
+        pending.extend(outcome.records if spec.signal == "traces" else outcome.logs)
         t2 = clock()
         stages["decode"] += t1 - t0
         stages["convert"] += t2 - t1
         while len(pending) >= spec.batch_rows:
-            stored += _commit(runtime, batch_type, spec.signal, pending[: spec.batch_rows], stages)
-            del pending[: spec.batch_rows]
+            batch, pending = _cut(pending, spec.batch_rows)
+            stored += _commit(runtime, batch_type, spec.signal, batch, stages)
         cpu_s += cpu() - c0
         if spec.records and time.monotonic() - last_report > 15:
             last_report = time.monotonic()
@@ -607,6 +658,13 @@ def _ceiling_run(
     if spec.sample_traces:
         result["trace_ids"] = samples
     return result
+
+
+def _cut(records: Any, rows: int) -> tuple[Any, Any]:
+    """The first `rows` records (a list of spans, or LogColumns) and the rest."""
+    if isinstance(records, list):
+        return records[:rows], records[rows:]
+    return records.take(range(rows)), records.take(range(rows, len(records)))
 
 
 def _commit(

@@ -123,13 +123,14 @@ def phase_flat(signal: str, args: argparse.Namespace, scratch: Path, scrub: bool
     stored = count_rows(data, f"SELECT count(*) FROM {table} WHERE service = 'checkout'")
     result["stored_records"] = stored
     result["stored_equals_acknowledged"] = stored == result["acked_records_total"]
-    result["records_per_server_cpu_s"] = round(
-        result["records_per_s"] * args.seconds / result["server_cpu_s"], 1
+    result["records_per_server_cpu_s"] = round(  # the decoding workers' CPU included
+        result["records_per_s"] * args.seconds / result["server_and_decoders_cpu_s"], 1
     )
     result["loadavg_1m"] = [loadavg_before, loadavg()]
     progress(
         f"   {result['records_per_s']:,.0f} records/s, ack p99 {result['ack_p99_ms']} ms, "
-        f"server {result['server_cores']} cores, RSS max {result['server_rss_mb_max']} MB"
+        f"server {result['server_cores']} cores ({result['server_and_decoders_cores']} with "
+        f"its decoders), RSS max {result['server_rss_mb_max']} MB"
     )
     return result
 
@@ -355,7 +356,8 @@ def targets(report: dict[str, Any], *, full_scale: bool) -> dict[str, Any]:
     ratios, scale = report["ratios"], report["scale"]
     held = scale["ingest"]["records_per_s"] >= 0.95 * SCALE_RATE
     p95 = scale["trace_by_id_p95_ms"]
-    peak = scale["server_rss_mb_peak_since_start"]
+    # The server process's peak RSS, or its PSS with the decoding workers, the larger.
+    peak = max(scale["server_rss_mb_peak_since_start"], scale["server_and_decoders_pss_mb_max"])
     stored = [report[name]["stored_equals_acknowledged"] for name in ("spans", "logs")]
     compaction = scale["compaction_error"]
     found = {
@@ -367,7 +369,8 @@ def targets(report: dict[str, Any], *, full_scale: bool) -> dict[str, Any]:
                                    ratios["spans_share_of_ceiling"] >= TARGET_CEILING_SHARE),
         "logs_share_of_ceiling": (ratios["logs_share_of_ceiling"], f">= {TARGET_CEILING_SHARE}",
                                   ratios["logs_share_of_ceiling"] >= TARGET_CEILING_SHARE),
-        "rss_mb_at_scale": (peak, f"<= {TARGET_RSS_MB} (peak) with {FULL_SCALE:,} spans stored",
+        "rss_mb_at_scale": (peak, f"<= {TARGET_RSS_MB} (peak; decoders' PSS included) with "
+                            f"{FULL_SCALE:,} spans stored",
                             peak <= TARGET_RSS_MB and full_scale),
         "trace_by_id_p95_ms_at_scale": (p95, f"<= {TARGET_TRACE_P95_MS} at {FULL_SCALE:,} spans, "
                                         f"ingest holding {SCALE_RATE:,} spans/s, every trace found",

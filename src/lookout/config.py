@@ -57,6 +57,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     scrub: bool = True
+    decode_workers: int | None = None  # None: one fewer than the cores, at most 4
     limits: Limits = field(default_factory=Limits)
     store_memory_limit: int = 1024 * 1024 * 1024  # DuckDB's memory_limit, in bytes
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
@@ -120,6 +121,11 @@ KEYS: dict[str, tuple[str, str]] = {
     "scrub": (
         "LOOKOUT_SCRUB",
         "scrub secrets and personal data from every record before it is stored (true)",
+    ),
+    "decode_workers": (
+        "LOOKOUT_DECODE_WORKERS",
+        "processes that decode and scrub OTLP log requests (one fewer than the cores, at most "
+        "4); 0 decodes them in the server process",
     ),
     "limits": (
         "LOOKOUT_LIMITS",
@@ -311,6 +317,16 @@ def _count(key: str, value: Any) -> int:
     return number
 
 
+def _workers(value: Any) -> int:
+    try:
+        number = int(str(value).replace("_", ""))
+    except ValueError:
+        raise _fail("decode_workers", value, "a whole number from 0 to 64") from None
+    if not 0 <= number <= 64 or isinstance(value, bool):
+        raise _fail("decode_workers", value, "a whole number from 0 to 64")
+    return number
+
+
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 
 
@@ -351,6 +367,7 @@ _PARSERS: dict[str, Any] = {
     "tls_cert": lambda v: _file("tls_cert", v),
     "tls_key": lambda v: _file("tls_key", v),
     "scrub": lambda v: _bool("scrub", v),
+    "decode_workers": _workers,
     "limits": parse_limits,
     "store_memory_limit": _memory,
     "retention": parse_retention,

@@ -47,6 +47,10 @@ class IngestError(LookoutError):
         self.reason = reason
         super().__init__(message)
 
+    def __reduce__(self) -> tuple[type[IngestError], tuple[str, int, str]]:
+        """Whole across processes (a decoding worker raises it): status and reason too."""
+        return type(self), (str(self), self.status, self.reason)
+
 
 class QueryError(LookoutError):
     """A read request names a bad parameter."""

@@ -6,10 +6,22 @@ unless a field says otherwise. Attribute maps hold JSON-compatible values.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 Attributes = dict[str, Any]
+
+
+def json_text(value: Any) -> str:
+    """`value` as the store keeps maps and lists: compact JSON text, NaN as null."""
+    try:  # orjson: several times faster than json, and NaN becomes null (JSON has no NaN)
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # an integer beyond 64 bits
+        return json.dumps(value, default=str, separators=(",", ":"))
 
 
 @dataclass
@@ -47,6 +59,74 @@ class LogRecord:
     resource: Attributes = field(default_factory=dict)
     observed_ns: int = 0
     source: str = "otlp"
+
+
+@dataclass
+class LogColumns:
+    """Log records column by column, as a request's records travel to the store.
+
+    Logs come in tens of thousands a second: the OTLP intake fills these lists straight
+    from the decoded request, the scrubber tests whole columns at once, and the writer
+    hands each list to Arrow as it is. An object and two dicts per record cost more than
+    all of that (docs/server.md, "Measured figures"). Attribute and resource maps are held
+    as the JSON text the store keeps; the records of one resource share one text.
+    Intakes with few records (lines, Loki) build LogRecords and append them.
+    """
+
+    ts_ns: list[int] = field(default_factory=list)
+    observed_ns: list[int] = field(default_factory=list)  # 0: when it was stored
+    service: list[str] = field(default_factory=list)
+    level: list[str] = field(default_factory=list)
+    severity_number: list[int] = field(default_factory=list)
+    body: list[str] = field(default_factory=list)
+    trace_id: list[str] = field(default_factory=list)
+    span_id: list[str] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)  # JSON text
+    resource: list[str] = field(default_factory=list)  # JSON text
+    source: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, records: Iterable[LogRecord]) -> LogColumns:
+        columns = cls()
+        resources: dict[int, tuple[Attributes, str]] = {}  # by identity: shared maps
+        for record in records:
+            shared = resources.get(id(record.resource))
+            if shared is None or shared[0] is not record.resource:
+                shared = resources[id(record.resource)] = (
+                    record.resource,
+                    json_text(record.resource),
+                )
+            columns.ts_ns.append(record.ts_ns)
+            columns.observed_ns.append(record.observed_ns)
+            columns.service.append(record.service)
+            columns.level.append(record.level)
+            columns.severity_number.append(record.severity_number)
+            columns.body.append(record.body)
+            columns.trace_id.append(record.trace_id)
+            columns.span_id.append(record.span_id)
+            columns.attributes.append(json_text(record.attributes))
+            columns.resource.append(shared[1])
+            columns.source.append(record.source)
+        return columns
+
+    def __len__(self) -> int:
+        return len(self.ts_ns)
+
+    def columns(self) -> list[list[Any]]:
+        """Every column, in the order of the store's logs table (ingested_ns aside)."""
+        return [
+            self.ts_ns, self.observed_ns, self.service, self.level, self.severity_number,
+            self.body, self.trace_id, self.span_id, self.attributes, self.resource, self.source,
+        ]  # fmt: skip
+
+    def take(self, rows: Iterable[int]) -> LogColumns:
+        """The records at `rows`, in that order."""
+        picked = list(rows)
+        return LogColumns(*([column[i] for i in picked] for column in self.columns()))
+
+    def extend(self, other: LogColumns) -> None:
+        for mine, theirs in zip(self.columns(), other.columns(), strict=True):
+            mine.extend(theirs)
 
 
 @dataclass
@@ -99,7 +179,7 @@ class Batch:
     """What one ingest request stores, in one transaction."""
 
     spans: list[Span] = field(default_factory=list)
-    logs: list[LogRecord] = field(default_factory=list)
+    logs: LogColumns = field(default_factory=LogColumns)
     samples: list[Sample] = field(default_factory=list)
     events: list[ErrorEvent] = field(default_factory=list)
     job_runs: list[JobRun] = field(default_factory=list)

@@ -39,6 +39,7 @@ from lookout.ingest import lines, loki, otlp, scrape, sentry
 from lookout.ingest import metrics as otlp_metrics
 from lookout.ingest.bodies import Inflater
 from lookout.ingest.limits import Limits
+from lookout.model import LogColumns
 from tests.fuzz import mutators, seeds
 from tests.fuzz.regressions import REGRESSIONS
 
@@ -184,7 +185,7 @@ def fuzz_property(
 # --- how each caller calls its parser --------------------------------------------------------
 
 
-# As lookout.server.intake.CONVERTERS (not imported: the parser tests need no server).
+# As lookout.server.decoding.CONVERTERS (not imported: the parser tests need no server).
 CONVERTERS = {"traces": otlp.spans, "logs": otlp.logs, "metrics": otlp_metrics.samples}
 
 
@@ -201,18 +202,29 @@ def storable(records: Iterable[Any]) -> None:
     and payloads are stored as JSON, which takes any value)."""
     for record in records:
         for column in dataclasses.fields(record):
-            value = getattr(record, column.name)
-            if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
-                raise UnstorableError(f"{type(record).__name__}.{column.name} is {value}")
-            if isinstance(value, str) and not value.isascii():
-                try:
-                    value.encode()
-                except UnicodeEncodeError as exc:
-                    raise UnstorableError(f"{type(record).__name__}.{column.name}: {exc}") from exc
+            _storable(f"{type(record).__name__}.{column.name}", getattr(record, column.name))
+
+
+def storable_logs(logs: LogColumns) -> None:
+    """storable() for log records held as columns: every value of every column."""
+    for column in dataclasses.fields(logs):
+        for value in getattr(logs, column.name):
+            _storable(f"LogColumns.{column.name}", value)
+
+
+def _storable(name: str, value: Any) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        raise UnstorableError(f"{name} is {value}")
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise UnstorableError(f"{name}: {exc}") from exc
 
 
 def _batch(batch: Any) -> Any:
-    storable([*batch.spans, *batch.logs, *batch.samples, *batch.events, *batch.job_runs])
+    storable([*batch.spans, *batch.samples, *batch.events, *batch.job_runs])
+    storable_logs(batch.logs)
     return batch
 
 
@@ -223,6 +235,7 @@ def _otlp(signal: str, content_type: str) -> Callable[[bytes], object]:
         message = otlp.decode(signal, body, content_type)
         outcome = CONVERTERS[signal](message, LIMITS, NOW_NS)
         storable(outcome.records)
+        storable_logs(outcome.logs)
         return otlp.encode_response(signal, outcome, otlp.is_json(content_type))
 
     return parse
@@ -246,6 +259,7 @@ def _lines_body(body: bytes) -> object:
         raise IngestError(f"A lines batch must be JSON: {exc}") from exc
     key, outcome, dropped = lines.read_batch(document, LIMITS, NOW_NS)
     storable(outcome.records)
+    storable_logs(LogColumns.of(outcome.records))  # as the route hands them to the store
     if dropped not in _INT64:  # it goes to a Prometheus counter
         raise UnstorableError(f"dropped is {dropped}")
     return key, outcome, dropped
@@ -255,6 +269,7 @@ def _loki(content_type: str) -> Callable[[bytes], object]:
     def parse(body: bytes) -> object:
         outcome = loki.read_push(body, content_type, "tenant-a", LIMITS, NOW_NS)
         storable(outcome.records)
+        storable_logs(LogColumns.of(outcome.records))  # as the route hands them to the store
         return outcome
 
     return parse

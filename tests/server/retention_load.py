@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lookout.model import Batch, LogRecord, Sample, Span
+from lookout.model import Batch, LogColumns, LogRecord, Sample, Span
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import Database, Retention, RetentionPolicy, Writer
 
@@ -137,9 +137,10 @@ class Telemetry:
                      resource={"service.name": rng.choice(SERVICES),
                                "host.name": f"node-{rng.randint(0, 7)}"})
             )  # fmt: skip
+        records = []
         for i in range(logs):
             words = " ".join(rng.choices(WORDS, k=rng.randint(6, 30)))
-            out.logs.append(
+            records.append(
                 LogRecord(ts_ns + i * 1000, rng.choice(SERVICES),
                           rng.choice(["info", "info", "info", "warn", "error"]), 9,
                           f"{words} booking_id={rng.getrandbits(48):x} "
@@ -150,13 +151,14 @@ class Telemetry:
                           attributes={"logger": "app", "duration_ms": round(rng.random() * 900, 2)},
                           resource={"service.name": "busline"})
             )  # fmt: skip
+        out.logs = LogColumns.of(records)
         ts_ms = ts_ns // 1_000_000
         out.samples.extend(
             Sample(name, labels, ts_ms, float(rng.randint(0, 10_000)))
             for name, labels in self.series
         )
         size = sum(
-            len(json.dumps(vars(r), default=str)) for r in (*out.spans, *out.logs, *out.samples)
+            len(json.dumps(vars(r), default=str)) for r in (*out.spans, *records, *out.samples)
         )
         return out, size
 

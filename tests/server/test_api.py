@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lookout.model import Batch, ErrorEvent, JobRun, LogRecord, Sample, Span
+from lookout.model import Batch, ErrorEvent, JobRun, LogColumns, LogRecord, Sample, Span
 from lookout.sdk._scrub import Scrubber
 from tests.server.conftest import InProcess
 
@@ -45,7 +45,7 @@ def seeded(served: InProcess) -> InProcess:
             _span(T1, "02" * 8, "01" * 8, "payments", "mpesa stk push", 850, "error"),
             _span(T2, "03" * 8, "", "gateway", "GET /api/trips", 20),
         ],
-        logs=logs,
+        logs=LogColumns.of(logs),
         samples=[Sample("up", {"job": "ticketing", "instance": "a"}, NOW // 10**6 - 1000, 1.0),
                  Sample("up", {"job": "payments", "instance": "b"}, NOW // 10**6 - 1000, 0.0)],
         events=[ErrorEvent("e" * 32, 1, NOW - 10**9, "fp1", "ConnectionRefusedError: refused",
@@ -119,7 +119,7 @@ def test_log_text_search_takes_underscores_and_percent_signs_literally(served: I
     logs = [
         LogRecord(NOW - i * 10**9, "payments", "info", 9, body) for i, body in enumerate(bodies)
     ]
-    served.runtime.writer.submit(Batch(logs=logs)).result(10)
+    served.runtime.writer.submit(Batch(logs=LogColumns.of(logs))).result(10)
 
     def found(text: str) -> set[str]:
         answer = served.client.get("/api/lookout/logs", params={"q": text}).json()["logs"]

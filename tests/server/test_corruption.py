@@ -19,7 +19,7 @@ import duckdb
 import httpx
 import pytest
 
-from lookout.model import Batch, ErrorEvent, LogRecord, Sample, Span
+from lookout.model import Batch, ErrorEvent, LogColumns, LogRecord, Sample, Span
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import (
     Damage,
@@ -49,9 +49,11 @@ def build(data_dir: str) -> None:
     now = time.time_ns()
     old = now - 2 * DAY_NS
 
-    def logs(service: str, count: int, ts_ns: int) -> list[LogRecord]:
+    def logs(service: str, count: int, ts_ns: int) -> LogColumns:
         body = f"{service} " + "x" * 200
-        return [LogRecord(ts_ns + i, service, "info", 9, f"{body} {i}") for i in range(count)]
+        return LogColumns.of(
+            LogRecord(ts_ns + i, service, "info", 9, f"{body} {i}") for i in range(count)
+        )
 
     writer.submit(Batch(logs=logs(CLOSED, COUNTS[CLOSED], old))).result(30)
     sample = Sample("corruption_probe", {"job": "probe", "instance": "a"}, old // 10**6, 7.0)
@@ -347,7 +349,9 @@ def test_the_flush_moves_today_too_so_the_database_file_holds_at_most_an_hour(
     writer.start()
     now = time.time_ns()
     sample = Sample("flushed_probe", {"job": "probe"}, now // 10**6, 1.0)
-    writer.submit(Batch(samples=[sample], logs=[LogRecord(now, "svc", "info", 9, "x")])).result(10)
+    writer.submit(
+        Batch(samples=[sample], logs=LogColumns.of([LogRecord(now, "svc", "info", 9, "x")]))
+    ).result(10)
     assert writer.flush(now).result(30) == 2
     assert database.partitions == {signal: set() for signal in database.partitions}
     for paths in (p for days in database.files.values() for p in days.values()):

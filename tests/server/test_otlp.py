@@ -310,3 +310,50 @@ def test_readyz_fails_when_the_writer_is_not_running(served: InProcess) -> None:
         "/v1/traces", content=json.dumps(_traces()), headers={"content-type": "application/json"}
     )
     assert posted.status_code == 200, "an empty request needs no writer"
+
+
+def test_log_records_convert_column_by_column_as_they_were_sent() -> None:
+    """A body of any kind, attribute values of every kind, cut at the limit; no body is an
+    empty body (it was the text `null`)."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    from lookout.ingest import otlp
+    from lookout.ingest.limits import Limits
+
+    now = time.time_ns()
+    attributes = [
+        {"key": "s", "value": {"stringValue": "x" * 3000}},
+        {"key": "empty", "value": {"stringValue": ""}},
+        {"key": "i", "value": {"intValue": "7"}},
+        {"key": "d", "value": {"doubleValue": 0.5}},
+        {"key": "b", "value": {"boolValue": True}},
+        {"key": "a", "value": {"arrayValue": {"values": [{"stringValue": "y"}]}}},
+        {"key": "m", "value": {"kvlistValue": {"values": [{"key": "k", "value": {}}]}}},
+        {"key": "unset", "value": {}},
+    ]
+    records = [
+        {"timeUnixNano": str(now), "attributes": attributes},
+        {
+            "timeUnixNano": str(now),
+            "body": {
+                "kvlistValue": {"values": [{"key": "event", "value": {"stringValue": "paid"}}]}
+            },
+        },
+        {"observedTimeUnixNano": str(now), "severityText": "WARN", "body": {"stringValue": "w"}},
+        {"timeUnixNano": str(now - 8 * 86400 * 10**9), "body": {"stringValue": "too old"}},
+    ]
+    request = json_format.ParseDict(
+        {"resourceLogs": [{"scopeLogs": [{"logRecords": records}]}]}, ExportLogsServiceRequest()
+    )
+    outcome = otlp.logs(request, Limits(), now)
+    logs = outcome.logs
+    assert logs.body == ["", '{"event": "paid"}', "w"]
+    assert logs.level == ["unspecified", "unspecified", "warning"]
+    assert logs.ts_ns == [now, now, now]
+    assert logs.service == ["unknown_service"] * 3
+    stored = json.loads(logs.attributes[0])
+    assert len(stored["s"]) == 2048
+    assert {k: v for k, v in stored.items() if k != "s"} == {
+        "empty": "", "i": 7, "d": 0.5, "b": True, "a": ["y"], "m": {"k": None}, "unset": None,
+    }  # fmt: skip
+    assert outcome.reasons == {"older than the retention horizon": 1}

@@ -16,7 +16,7 @@ import pytest
 
 from lookout.config import load
 from lookout.errors import ConfigError
-from lookout.model import Batch, LogRecord, Span
+from lookout.model import Batch, LogColumns, LogRecord, Span
 from lookout.selfmetrics import ServerMetrics
 from lookout.server.run import retain_forever
 from lookout.server.runtime import ServerRuntime
@@ -279,9 +279,11 @@ def test_dropped_days_lose_tables_files_and_listing_and_stay_gone_after_a_restar
     now = time.time_ns()
     database, writer = _open(tmp_path)
     old, older = now - 3 * DAY * 10**9, now - 4 * DAY * 10**9
-    writer.submit(Batch(logs=[_log(older), _log(old), _log(now)])).result(10)
+    writer.submit(Batch(logs=LogColumns.of([_log(older), _log(old), _log(now)]))).result(10)
     writer.close_days_before(datetime.fromtimestamp(now / 1e9, UTC).strftime("%Y%m%d")).result(10)
-    writer.submit(Batch(logs=[_log(old, "late")])).result(10)  # a table beside the file
+    writer.submit(Batch(logs=LogColumns.of([_log(old, "late")]))).result(
+        10
+    )  # a table beside the file
     day = datetime.fromtimestamp(old / 1e9, UTC).strftime("%Y%m%d")
     listed = list(database.files["logs"][day])
     assert writer.run_job(lambda: database.drop_days([("logs", day)])).result(10) == 1
@@ -301,7 +303,9 @@ def test_enforcing_drops_expired_days_counts_them_and_reports_bytes(tmp_path: Pa
     now = time.time_ns()
     database, writer = _open(tmp_path)
     expired = now - 9 * DAY * 10**9
-    batch = Batch(logs=[_log(expired), _log(now)], spans=[_span(expired, 1), _span(now, 2)])
+    batch = Batch(
+        logs=LogColumns.of([_log(expired), _log(now)]), spans=[_span(expired, 1), _span(now, 2)]
+    )
     writer.submit(batch).result(10)
     metrics = ServerMetrics()
     rules = policy(spans=SignalRetention(max_age_s=30 * DAY))
@@ -324,7 +328,7 @@ def test_day_tables_are_closed_into_parquet_early_under_a_byte_cap(tmp_path: Pat
     database, writer = _open(tmp_path)
     rng = random.Random(1)
     logs = [_log(now + i, f"{rng.getrandbits(2048):0512x}") for i in range(20_000)]
-    writer.submit(Batch(logs=logs)).result(30)  # about 6 MB in today's table
+    writer.submit(Batch(logs=LogColumns.of(logs))).result(30)  # about 6 MB in today's table
     rules = policy(max_bytes=20 * MB)  # tables may hold 5 MB
     report = Retention(database, rules, ServerMetrics()).submit(writer, time.time()).result(60)
     today = datetime.fromtimestamp(now / 1e9, UTC).strftime("%Y%m%d")
@@ -338,7 +342,7 @@ def test_day_tables_are_closed_into_parquet_early_under_a_byte_cap(tmp_path: Pat
 def test_the_server_enforces_retention_at_startup_and_periodically(tmp_path: Path) -> None:
     runtime = ServerRuntime.open(config_for(tmp_path, retention=policy()))
     expired = time.time_ns() - 8 * DAY * 10**9
-    runtime.writer.submit(Batch(logs=[_log(expired)])).result(10)
+    runtime.writer.submit(Batch(logs=LogColumns.of([_log(expired)]))).result(10)
     value = runtime.metrics.registry.get_sample_value
     labels = {"signal": "logs", "reason": "age"}
 
@@ -349,7 +353,9 @@ def test_the_server_enforces_retention_at_startup_and_periodically(tmp_path: Pat
             lambda: value("lookout_store_retention_dropped_partitions_total", labels) == 1,
         )
         # A late record brings the dropped day back; a later run drops it again.
-        await asyncio.to_thread(runtime.writer.submit(Batch(logs=[_log(expired)])).result, 10)
+        await asyncio.to_thread(
+            runtime.writer.submit(Batch(logs=LogColumns.of([_log(expired)]))).result, 10
+        )
         await asyncio.to_thread(
             wait_until,
             lambda: value("lookout_store_retention_dropped_partitions_total", labels) == 2,

@@ -7,10 +7,15 @@ scrubbed text stays as it is). Config key `scrub` turns it off.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from lookout.model import Batch
-from lookout.sdk._scrub import Scrubber
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lookout.model import Batch, LogColumns, json_text
+from lookout.sdk._scrub import MAP_GATE, TEXT_GATE, Scrubber
 
 _LABEL_CACHE_MAX = 200_000
 # Strings up to this long are remembered once scrubbed (names, routes, label values).
@@ -49,10 +54,7 @@ class BatchScrubber:
                 span.events = value(span.events)
             if span.links:
                 span.links = value(span.links)
-        for record in batch.logs:
-            record.body = text(record.body)
-            record.attributes = mapping(record.attributes)
-            record.resource = resource(record.resource)
+        self._logs(batch.logs)
         for event in batch.events:
             event.title = text(event.title)
             event.message = text(event.message)
@@ -67,6 +69,36 @@ class BatchScrubber:
                 sample.exemplar = mapping(sample.exemplar)
         for run in batch.job_runs:
             run.monitor = text(run.monitor)
+
+    def _logs(self, logs: LogColumns) -> None:
+        """Scrub log columns: Arrow's regex engine finds, a column at a time, the values the
+        rules could change (the gates); only those go through the scrubber. Most log lines
+        hold nothing to scrub, and testing each in Python cost more than storing it."""
+        if not logs:
+            return
+        bodies = logs.body
+        for row in _matching(bodies, TEXT_GATE):
+            bodies[row] = self._text(bodies[row])
+        attributes = logs.attributes
+        for row in _matching(attributes, MAP_GATE):
+            attributes[row] = self._json_map(attributes[row])
+        resources = logs.resource
+        distinct = list({id(text): text for text in resources}.values())  # shared texts
+        changed = {
+            id(distinct[i]): self._json_map(distinct[i]) for i in _matching(distinct, MAP_GATE)
+        }
+        if changed:
+            logs.resource = [changed.get(id(text), text) for text in resources]
+
+    def _json_map(self, text: str) -> str:
+        """A JSON map, scrubbed: the same text when nothing changed."""
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:  # an integer beyond 64 bits (json_text wrote it)
+            value = json.loads(text)
+        scrubbed = self._mapping(value)
+        found = json_text(scrubbed)
+        return text if found == text else found
 
     def _text(self, text: str) -> str:
         if len(text) > _CACHED_TEXT:
@@ -94,3 +126,11 @@ class BatchScrubber:
             found = label if scrubbed == label else str(scrubbed)
             self._labels[key, label] = found
         return found
+
+
+def _matching(values: list[str], pattern: str) -> list[int]:
+    """The indexes of `values` where RE2 `pattern` matches."""
+    if not values:
+        return []
+    found = pc.match_substring_regex(pa.array(values, type=pa.string()), pattern)
+    return pc.indices_nonzero(found).to_pylist()  # type: ignore[no-any-return]

@@ -69,6 +69,21 @@ _CARD_LENGTHS = range(13, 20)
 # Cards, IBANs, SSNs and phone numbers all hold at least nine digits close together.
 _DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){8}|\d{2}(?: ?[A-Z0-9]){11}")
 
+# What a text needs for scrub_text() to change it, as one RE2 pattern: each substring
+# scrub_text() tests before a rule, and _DIGIT_RUN (\p{Nd}: RE2's \d is ASCII only, and
+# Python's is not). The server runs it over a whole column of values in C++ (Arrow) and
+# scrubs only the values it matches. It may match more than the rules change, never less:
+# tests/server/test_scrub_gate.py holds it to that. Change it with the rules.
+TEXT_GATE = (
+    r"-----BEGIN|@|(?i:earer)|/home/|Users|\p{Nd}(?:[ -]?\p{Nd}){8}|\p{Nd}{2}(?: ?[A-Z0-9]){11}"
+)
+# What a JSON map needs for scrub_mapping() to change it: TEXT_GATE, or a sensitive key
+# token anywhere (a key holds its tokens as substrings, in any case; a pair's first word
+# is left out, since "api" is in every route, and its second word stands for it).
+MAP_GATE = "|".join(
+    [TEXT_GATE, "(?i:" + "|".join(sorted(SENSITIVE_TOKENS | {b for _, b in SENSITIVE_PAIRS})) + ")"]
+)
+
 
 def _card_prefix(digits: str) -> bool:
     """Whether `digits` starts with an issuer prefix of a major card network."""

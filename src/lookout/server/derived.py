@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from lookout.model import ErrorEvent, JobRun, LogRecord, Span
+from lookout.model import ErrorEvent, JobRun, LogColumns, Span
 from lookout.sdk._metrics import DEFAULT_BUCKETS
 from lookout.store import issue_id
 
@@ -93,7 +93,7 @@ class DerivedMetrics:
     def observe(
         self,
         spans: Sequence[Span],
-        logs: Sequence[LogRecord],
+        logs: LogColumns,
         events: Sequence[ErrorEvent],
         runs: Sequence[JobRun],
     ) -> None:
@@ -111,7 +111,7 @@ class DerivedMetrics:
                 child = self.duration.labels(*group)
                 for value in seconds:
                     child.observe(value)
-        levels = collections.Counter((record.service, record.level) for record in logs)
+        levels = collections.Counter(zip(logs.service, logs.level, strict=True))
         for log_labels, count in levels.items():
             if self._admit("lookout_log_records", log_labels):
                 self.logs.labels(*log_labels).inc(count)

@@ -16,18 +16,12 @@ from starlette.responses import JSONResponse, Response
 
 from lookout.errors import DiskFullError, IngestError, StoreBusyError, StoreError
 from lookout.ingest import lines, loki, otlp, sentry
-from lookout.ingest import metrics as otlp_metrics
 from lookout.ingest.bodies import Inflater
 from lookout.ingest.jsonbody import load_json
-from lookout.model import Batch
+from lookout.model import Batch, LogColumns
+from lookout.server.decoding import DecoderLostError
 from lookout.server.errors import error_response
 from lookout.server.runtime import ServerRuntime
-
-CONVERTERS: dict[str, Callable[..., otlp.Outcome]] = {
-    "traces": otlp.spans,
-    "logs": otlp.logs,
-    "metrics": otlp_metrics.samples,
-}
 
 
 def _runtime(request: Request) -> ServerRuntime:
@@ -83,6 +77,9 @@ async def _guarded(
         runtime.metrics.rejected.labels(endpoint, "malformed").inc()
         message = f"The payload does not have the expected shape: {exc!r}"
         response = error_response(400, "malformed", message[:500])
+    except DecoderLostError as exc:
+        runtime.metrics.rejected.labels(endpoint, "decoder_lost").inc()
+        response = error_response(503, "decoder_lost", str(exc), {"Retry-After": "1"})
     except StoreBusyError as exc:
         runtime.metrics.rejected.labels(endpoint, "busy").inc()
         response = error_response(503, "busy", str(exc), {"Retry-After": "1"})
@@ -100,21 +97,14 @@ def otlp_route(signal: str) -> Callable[[Request], Awaitable[Response]]:
         async def handle(runtime: ServerRuntime) -> Response:
             content_type = request.headers.get("content-type", "application/x-protobuf")
             body = await _body(request, runtime)
-            message = otlp.decode(signal, body, content_type)
-            outcome = CONVERTERS[signal](message, runtime.limits, time.time_ns())
-            for reason, count in outcome.reasons.items():
+            runtime.check_disk()  # before the work of decoding
+            decoded = await runtime.decoders.decode(signal, body, content_type, time.time_ns())
+            for reason, count in decoded.reasons.items():
                 runtime.metrics.rejected.labels(signal, reason).inc(count)
-            batch = Batch()
-            if signal == "traces":
-                batch.spans = outcome.records
-            elif signal == "logs":
-                batch.logs = outcome.records
-            else:
-                batch.samples = outcome.records
-            await runtime.store(batch)
+            await runtime.store(decoded.batch, scrubbed=True)
             as_json = otlp.is_json(content_type)
             return Response(
-                otlp.encode_response(signal, outcome, as_json),
+                otlp.encode_response(signal, decoded.outcome(), as_json),
                 media_type="application/json" if as_json else "application/x-protobuf",
             )
 
@@ -205,7 +195,7 @@ async def shipped_lines(request: Request) -> Response:
             runtime.metrics.rejected.labels("logs", reason).inc(count)
         if dropped:
             runtime.metrics.shipper_dropped.inc(dropped)
-        written = await runtime.store(Batch(logs=outcome.records, dedup_key=key))
+        written = await runtime.store(Batch(logs=LogColumns.of(outcome.records), dedup_key=key))
         return JSONResponse({"accepted": written, "rejected": outcome.rejected})
 
     return await _guarded(request, "lines", handle)
@@ -225,7 +215,7 @@ async def loki_push(request: Request) -> Response:
         )
         for reason, count in outcome.reasons.items():
             runtime.metrics.rejected.labels("logs", reason).inc(count)
-        await runtime.store(Batch(logs=outcome.records))
+        await runtime.store(Batch(logs=LogColumns.of(outcome.records)))
         return Response(status_code=204)
 
     return await _guarded(request, "loki_push", handle)

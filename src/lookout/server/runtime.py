@@ -1,4 +1,5 @@
-"""What one running server holds: its config, the store, the writer and its own metrics."""
+"""What one running server holds: its config, the store, the writer, the OTLP decoders and
+its own metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lookout.ingest.scrub import BatchScrubber
 from lookout.model import Batch
 from lookout.sdk._scrub import Scrubber
 from lookout.selfmetrics import ServerMetrics
+from lookout.server.decoding import Decoders, DecodeSettings, auto_workers
 from lookout.server.derived import DerivedMetrics
 from lookout.store import Database, Writer
 
@@ -28,6 +30,7 @@ class ServerRuntime:
     metrics: ServerMetrics
     derived: DerivedMetrics = field(default_factory=DerivedMetrics)
     limits: Limits = field(default_factory=Limits)
+    decoders: Decoders = field(default_factory=lambda: Decoders(DecodeSettings(), 0))
     started_ns: int = field(default_factory=time.time_ns)
     _scrub_batch: BatchScrubber | None = field(default=None, init=False, repr=False)
     _disk_checked_s: float = field(default=-1.0, init=False, repr=False)
@@ -47,7 +50,10 @@ class ServerRuntime:
         database.connection.execute(f"SET wal_autocheckpoint = '{WAL_AUTOCHECKPOINT}'")
         writer = Writer(database, metrics, on_commit=derived.observe, limits=config.limits)
         writer.start()
-        runtime = cls(config, database, writer, metrics, derived, config.limits)
+        workers = auto_workers() if config.decode_workers is None else config.decode_workers
+        settings = DecodeSettings(config.limits, config.scrub_key if config.scrub else None)
+        decoders = Decoders(settings, workers)  # its workers start at the first request
+        runtime = cls(config, database, writer, metrics, derived, config.limits, decoders)
         if config.scrub:
             runtime._scrub_batch = BatchScrubber(runtime.scrubber)
         return runtime
@@ -63,12 +69,13 @@ class ServerRuntime:
     def ready(self) -> bool:
         return self.writer.alive
 
-    async def store(self, batch: Batch) -> int:
-        """Scrub a request's records, write them and wait for the commit."""
+    async def store(self, batch: Batch, *, scrubbed: bool = False) -> int:
+        """Scrub a request's records (unless the decoders did), write them and wait for
+        the commit."""
         if not len(batch) and batch.dedup_key is None:
             return 0
         self.check_disk()
-        if self._scrub_batch is not None:
+        if self._scrub_batch is not None and not scrubbed:
             self._scrub_batch(batch)
         future = self.writer.submit(batch)
         return await asyncio.wrap_future(future)
@@ -95,6 +102,7 @@ class ServerRuntime:
             )
 
     def close(self) -> None:
+        self.decoders.close()
         self.writer.stop()
         try:
             self.database.close()

@@ -74,7 +74,13 @@ def day_of(signal: str, value: int) -> str:
 
 
 def days_of(signal: str, values: list[int]) -> list[str]:
-    """day_of() of each timestamp, worked out once per minute of them."""
+    """day_of() of each timestamp, worked out once per minute of them (once in all, in
+    the common case of a batch within one day)."""
+    if not values:
+        return []
+    first = day_of(signal, min(values))
+    if first == day_of(signal, max(values)):
+        return [first] * len(values)
     per_minute = 60_000 if signal == "samples" else 60_000_000_000
     found: dict[int, str] = {}
     days = []

@@ -23,12 +23,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-import orjson
 import pyarrow as pa
 
 from lookout.errors import StoreBusyError, StoreError
 from lookout.ingest.limits import Limits
-from lookout.model import Batch, ErrorEvent, JobRun, LogRecord, Sample, Span
+from lookout.model import Batch, ErrorEvent, JobRun, LogColumns, Sample, Span, json_text
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import recovery
 from lookout.store.db import Database
@@ -44,7 +43,7 @@ from lookout.store.schema import (
 
 Job = Callable[[], int]
 # Told what a transaction stored, after its commit: (spans, logs, events, job runs).
-OnCommit = Callable[[list[Span], list[LogRecord], list[ErrorEvent], list[JobRun]], None]
+OnCommit = Callable[[list[Span], LogColumns, list[ErrorEvent], list[JobRun]], None]
 DEDUP_WINDOW_S = 3600
 ACK_BEFORE_COMMIT_VARIABLE = "LOOKOUT_TEST_ACK_BEFORE_COMMIT"
 ACK_BEFORE_COMMIT_DELAY_S = 0.2
@@ -65,7 +64,7 @@ def issue_id(project_id: int, fingerprint: str) -> str:
 
 
 class _SharedJson:
-    """_json() of maps that many records of one request share (their resource): each
+    """json_text() of maps that many records of one request share (their resource): each
     encoded once. Keyed by identity, for the length of one write only."""
 
     def __init__(self) -> None:
@@ -74,7 +73,7 @@ class _SharedJson:
     def __call__(self, value: dict[str, Any]) -> str:
         found = self._done.get(id(value))
         if found is None or found[0] is not value:
-            found = self._done[id(value)] = (value, _json(value))
+            found = self._done[id(value)] = (value, json_text(value))
         return found[1]
 
 
@@ -83,13 +82,6 @@ _ARROW_TYPES = {
     "VARCHAR": pa.string(), "JSON": pa.string(), "BIGINT": pa.int64(),
     "UBIGINT": pa.uint64(), "INTEGER": pa.int32(), "DOUBLE": pa.float64(),
 }  # fmt: skip
-
-
-def _json(value: Any) -> str:
-    try:  # orjson: several times faster, and NaN becomes null (JSON has no NaN)
-        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    except TypeError:  # an integer beyond 64 bits
-        return json.dumps(value, default=str, separators=(",", ":"))
 
 
 def _resolve(future: Future[int], result: int) -> None:
@@ -380,6 +372,7 @@ class Writer:
             connection.execute("BEGIN TRANSACTION")
             try:
                 written = []
+                logs = LogColumns()  # appended once, after the loop
                 for batch in batches:
                     key = batch.dedup_key
                     if key is not None:
@@ -390,30 +383,27 @@ class Writer:
                         staged_batch_keys.append(key)
                     count = 0
                     count += self._write_spans(batch.spans, now, new_partitions, staged_span_keys)
-                    count += self._write_logs(batch.logs, now, new_partitions, staged_entry_keys)
+                    kept_logs = self._write_logs(batch.logs, staged_entry_keys)
+                    logs.extend(kept_logs)
+                    count += len(kept_logs)
                     count += self._write_samples(batch.samples, now, new_partitions, new_series)
                     count += self._write_events(
                         batch.events, now, new_partitions, staged_event_keys, new_issues
                     )
                     count += self._write_job_runs(batch.job_runs, now, new_partitions)
                     written.append(count)
+                self._insert_logs(logs, now, new_partitions)
                 if new_partitions:
                     database.refresh_views(set(new_partitions))
                 seq = database.commits.commit(connection)
             except BaseException:
                 connection.execute("ROLLBACK")
-                for signal, days in new_partitions.items():
-                    database.forget_partitions(signal, days)
-                self._series.difference_update(new_series)
-                self._series_per_name.subtract(new_series.values())
-                self._issues -= new_issues
-                if new_partitions:
-                    database.refresh_views(set(new_partitions))
+                self._forget(new_partitions, new_series, new_issues)
                 raise
         database.commits.committed(seq)
         self._span_keys.add_all(staged_span_keys, now)
         self._event_keys.add_all(staged_event_keys, now)
-        self._notify(batches, written, set(staged_span_keys), set(staged_event_keys))
+        self._notify(batches, written, logs, set(staged_span_keys), set(staged_event_keys))
         self._batch_keys.add_all(staged_batch_keys, now)
         self._entry_keys.add_all(staged_entry_keys, now)
         total = sum(written)
@@ -421,10 +411,23 @@ class Writer:
         self.metrics.commit_seconds.observe(time.perf_counter() - began)
         return written
 
+    def _forget(
+        self, partitions: dict[str, set[str]], series: dict[int, str], issues: set[str]
+    ) -> None:
+        """Undo the bookkeeping of a transaction that rolled back."""
+        for signal, days in partitions.items():
+            self.database.forget_partitions(signal, days)
+        self._series.difference_update(series)
+        self._series_per_name.subtract(series.values())
+        self._issues -= issues
+        if partitions:
+            self.database.refresh_views(set(partitions))
+
     def _notify(
         self,
         batches: Sequence[Batch],
         written: list[int],
+        logs: LogColumns,
         span_keys: set[str],
         event_keys: set[str],
     ) -> None:
@@ -435,7 +438,7 @@ class Writer:
         with contextlib.suppress(Exception):  # derived counts must never fail a write
             self.on_commit(
                 [s for b in kept for s in b.spans if s.trace_id + s.span_id in span_keys],
-                [r for b in kept for r in b.logs],
+                logs,
                 [e for b in kept for e in b.events if e.event_id in event_keys],
                 [r for b in kept for r in b.job_runs],
             )
@@ -447,26 +450,44 @@ class Writer:
         days: list[str],
         new_partitions: dict[str, set[str]],
     ) -> None:
-        by_day: dict[str, list[tuple[Any, ...]]] = collections.defaultdict(list)
-        for day, row in zip(days, rows, strict=True):
-            by_day[day].append(row)
+        self._insert_columns(signal, list(zip(*rows, strict=True)), days, new_partitions)
+
+    def _insert_columns(
+        self,
+        signal: str,
+        columns: Sequence[Sequence[Any]],
+        days: list[str],
+        new_partitions: dict[str, set[str]],
+    ) -> None:
+        """Append records, one sequence per column, to the day tables their `days` name."""
+        first = days[0]
+        by_day: dict[str, Sequence[Sequence[Any]]]
+        if days.count(first) == len(days):  # the common case: one day
+            by_day = {first: columns}
+        else:
+            rows_of: dict[str, list[int]] = collections.defaultdict(list)
+            for row, day in enumerate(days):
+                rows_of[day].append(row)
+            by_day = {
+                day: [[column[i] for i in rows] for column in columns]
+                for day, rows in rows_of.items()
+            }
         connection = self.database.connection
-        for day, day_rows in by_day.items():
+        for day, day_columns in by_day.items():
             if self.database.ensure_partition(signal, day):
                 new_partitions[signal].add(day)
             # Columnar: one Arrow array per column, appended by DuckDB in C++. Several
             # times faster than list parameters with unnest, dozens of times faster than
             # executemany (which binds and runs one statement per row).
-            columns = zip(*day_rows, strict=True)
             arrays = [
                 pa.array(values, type=kind)
-                for values, kind in zip(columns, self._arrow[signal], strict=True)
+                for values, kind in zip(day_columns, self._arrow[signal], strict=True)
             ]
             table = day_table(signal, day)  # from our signal names and a date: not input
             connection.from_arrow(
                 pa.Table.from_arrays(arrays, names=self._names[signal])
             ).insert_into(table)
-        self.metrics.records.labels(signal).inc(len(rows))
+        self.metrics.records.labels(signal).inc(len(days))
 
     def _write_spans(
         self, spans: list[Span], now: int, parts: dict[str, set[str]], staged: list[str]
@@ -495,9 +516,9 @@ class Writer:
                     max(0, s.end_ns - s.start_ns),
                     s.status_code,
                     s.status_message,
-                    _json(s.attributes),
-                    _json(s.events),
-                    _json(s.links),
+                    json_text(s.attributes),
+                    json_text(s.events),
+                    json_text(s.links),
                     resource(s.resource),
                     s.scope,
                     s.source,
@@ -510,41 +531,32 @@ class Writer:
             self._insert("spans", rows, days_of("spans", starts), parts)
         return len(rows)
 
-    def _write_logs(
-        self, logs: list[LogRecord], now: int, parts: dict[str, set[str]], staged: list[str]
-    ) -> int:
+    def _write_logs(self, logs: LogColumns, staged: list[str]) -> LogColumns:
+        """The records to store: Loki entries seen before are left out (counted)."""
+        sources = logs.source
+        if not any(source.startswith("loki:") for source in set(sources)):
+            return logs
         seen = set(staged)
         kept = []
-        for record in logs:
-            if record.source.startswith("loki:"):
-                if record.source in self._entry_keys or record.source in seen:
+        for row, source in enumerate(sources):
+            if source.startswith("loki:"):
+                if source in self._entry_keys or source in seen:
                     self.metrics.duplicates.labels("logs").inc()
                     continue
-                seen.add(record.source)
-                staged.append(record.source)
-            kept.append(record)
-        logs = kept
-        resource = _SharedJson()
-        rows = [
-            (
-                r.ts_ns,
-                r.observed_ns or now,
-                r.service,
-                r.level,
-                r.severity_number,
-                r.body,
-                r.trace_id,
-                r.span_id,
-                _json(r.attributes),
-                resource(r.resource),
-                r.source,
-                now,
-            )
-            for r in logs
-        ]
-        if rows:
-            self._insert("logs", rows, days_of("logs", [r.ts_ns for r in logs]), parts)
-        return len(rows)
+                seen.add(source)
+                staged.append(source)
+            kept.append(row)
+        return logs if len(kept) == len(sources) else logs.take(kept)
+
+    def _insert_logs(self, logs: LogColumns, now: int, parts: dict[str, set[str]]) -> None:
+        """One append for every log record of a transaction: DuckDB appends 10,000 rows
+        at about half the cost per row of 500."""
+        if not logs:
+            return
+        columns = logs.columns()
+        columns[1] = [ns or now for ns in logs.observed_ns]  # observed: 0 is "now"
+        columns.append([now] * len(logs))  # ingested_ns
+        self._insert_columns("logs", columns, days_of("logs", logs.ts_ns), parts)
 
     def _write_samples(
         self,
@@ -573,12 +585,12 @@ class Writer:
                 if self._series_per_name[s.name] >= cap:
                     over_cap += 1
                     continue
-                fresh.append((sid, s.name, _json({"__name__": s.name, **s.labels}), now))
+                fresh.append((sid, s.name, json_text({"__name__": s.name, **s.labels}), now))
                 self._series.add(sid)
                 self._series_per_name[s.name] += 1
                 new_series[sid] = s.name
             rows.append(
-                (sid, s.ts_ms, s.value, None if s.exemplar is None else _json(s.exemplar), now)
+                (sid, s.ts_ms, s.value, None if s.exemplar is None else json_text(s.exemplar), now)
             )
             minute = s.ts_ms // 60_000  # one day lookup per minute of timestamps
             day = day_cache.get(minute)
@@ -639,9 +651,9 @@ class Writer:
                     e.release,
                     e.trace_id,
                     e.span_id,
-                    _json(e.user),
-                    _json(e.tags),
-                    _json(e.payload),
+                    json_text(e.user),
+                    json_text(e.tags),
+                    json_text(e.payload),
                     now,
                 )
             )

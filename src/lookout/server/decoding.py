@@ -1,0 +1,209 @@
+"""OTLP log requests decoded, converted and scrubbed in worker processes.
+
+Python runs one thread of a process at a time, and turning an OTLP body into scrubbed
+records is most of what ingest costs: about 25 µs of a log record's 35 µs (docs/server.md,
+"Measured figures"). So the logs route hands the body to a pool of worker processes and
+gets back a Batch ready for the writer, while the server process goes on reading requests
+and writing the store. The answer still waits for the commit.
+
+- Only logs: they come back as columns of plain values (LogColumns), about 5 µs a record
+  to send and receive. Spans and metric samples are objects, which cost more to pickle and
+  unpickle (34 µs a span, measured) than to decode here; they are decoded in the server.
+- `decode_workers` sets the pool's size: by default one fewer than the machine's cores
+  (at most 4); 0 decodes in the server process, as before the pool.
+- The workers are forked from a forkserver that has imported this module (forking the
+  server itself is unsafe: it runs threads), so a new worker starts in milliseconds.
+- A client's mistake raised in a worker (IngestError, or a payload of the wrong shape)
+  comes back as the same exception, and the route answers as it would have.
+- A worker that dies (killed, out of memory) fails the requests it held with 503 and
+  Retry-After; the pool is replaced and the next request goes to a new worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import select
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+from lookout.errors import StoreError
+from lookout.ingest import metrics as otlp_metrics
+from lookout.ingest import otlp
+from lookout.ingest.limits import Limits
+from lookout.ingest.scrub import BatchScrubber
+from lookout.model import Batch
+from lookout.sdk._scrub import Scrubber
+
+MAX_AUTO_WORKERS = 4
+CONVERTERS = {"traces": otlp.spans, "logs": otlp.logs, "metrics": otlp_metrics.samples}
+POOLED = frozenset({"logs"})  # the signals the workers decode
+
+
+class DecoderLostError(StoreError):
+    """A decoding worker died with the request: nothing of it was stored; retry."""
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What decoding needs from the server's config (sent to each worker)."""
+
+    limits: Limits = field(default_factory=Limits)
+    scrub_key: str | None = None  # None: scrubbing is off
+
+
+@dataclass
+class Decoded:
+    """A request's batch, and what was rejected from it and why."""
+
+    batch: Batch
+    rejected: int
+    reasons: dict[str, int]
+
+    def outcome(self) -> otlp.Outcome:
+        """The rejections, as otlp.encode_response() reports them."""
+        return otlp.Outcome(rejected=self.rejected, reasons=self.reasons)
+
+
+class _Decoder:
+    """Decodes, converts and scrubs one body: the same in a worker and in the server."""
+
+    def __init__(self, settings: DecodeSettings) -> None:
+        self.limits = settings.limits
+        key = settings.scrub_key
+        self.scrub = None if key is None else BatchScrubber(Scrubber(key.encode()))
+
+    def __call__(self, signal: str, body: bytes, content_type: str, now_ns: int) -> Decoded:
+        message = otlp.decode(signal, body, content_type)
+        outcome = CONVERTERS[signal](message, self.limits, now_ns)
+        batch = Batch()
+        if signal == "traces":
+            batch.spans = outcome.records
+        elif signal == "logs":
+            batch.logs = outcome.logs
+        else:
+            batch.samples = outcome.records
+        if self.scrub is not None:
+            self.scrub(batch)
+        return Decoded(batch, outcome.rejected, outcome.reasons)
+
+
+_WORKER: _Decoder | None = None  # in a worker process: its decoder
+
+
+def _start_worker(settings: DecodeSettings, server_pid: int) -> None:
+    global _WORKER  # noqa: PLW0603 - one decoder per worker process, made at its start
+    _WORKER = _Decoder(settings)
+    threading.Thread(target=_exit_with, args=(server_pid,), daemon=True).start()
+
+
+def _exit_with(server_pid: int) -> None:
+    """End this worker when the server process ends, `kill -9` included. A worker waits on
+    its queue forever otherwise, and keeps the forkserver (which waits for its children),
+    and the server's stdout, which both hold, open with it."""
+    try:
+        watched = os.pidfd_open(server_pid)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): look twice a second
+        while _alive(server_pid):
+            time.sleep(0.5)
+    else:
+        select.select([watched], [], [])  # readable when the process has ended
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the number now belongs to another user's process
+        return False
+    return True
+
+
+def _in_worker(signal: str, body: bytes, content_type: str, now_ns: int) -> Decoded:
+    assert _WORKER is not None, "a decoding worker runs _start_worker first"
+    return _WORKER(signal, body, content_type, now_ns)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def auto_workers(cores: int | None = None) -> int:
+    """The default pool size: one fewer than the cores, at most MAX_AUTO_WORKERS."""
+    return max(0, min(MAX_AUTO_WORKERS, (cores or os.cpu_count() or 1) - 1))
+
+
+class Decoders:
+    """The OTLP decoders of one server: the pool for logs (none with 0 workers), and the
+    server process's own for the rest."""
+
+    def __init__(self, settings: DecodeSettings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self._inline = _Decoder(settings)
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.replaced = 0  # pools replaced after a worker died
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload([__name__])
+                self._pool = ProcessPoolExecutor(
+                    self.workers,
+                    mp_context=context,
+                    initializer=_start_worker,
+                    initargs=(self.settings, os.getpid()),
+                )
+            return self._pool
+
+    def start(self) -> list[int]:
+        """Start every worker now, not at the first request; the process ids that
+        answered (one worker may answer for another still starting)."""
+        if not self.workers:
+            return []
+        executor = self._executor()
+        return [
+            future.result() for future in [executor.submit(_ready) for _ in range(self.workers)]
+        ]
+
+    async def decode(self, signal: str, body: bytes, content_type: str, now_ns: int) -> Decoded:
+        if not self.workers or signal not in POOLED:
+            return self._inline(signal, body, content_type, now_ns)
+        executor = self._executor()
+        try:
+            future = executor.submit(_in_worker, signal, body, content_type, now_ns)
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool as exc:
+            self._replace(executor)
+            raise DecoderLostError(
+                "A decoding worker stopped while it held this request; nothing of it was "
+                "stored. Retry."
+            ) from exc
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """A new pool for the next requests (once, however many requests saw it break)."""
+        with self._lock:
+            if self._pool is broken:
+                self._pool = None
+                self.replaced += 1
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def pids(self) -> list[int]:
+        """The worker processes running now."""
+        pool = self._pool
+        processes = getattr(pool, "_processes", None) or {}
+        return sorted(pid for pid, process in processes.items() if process.is_alive())
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
