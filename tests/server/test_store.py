@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -262,6 +263,50 @@ def test_recent_keys_remember_at_least_most_keys_or_the_window_in_bounded_memory
     later.add_all(["c"], now_ns=122 * 10**9)  # two windows later: "a" is gone
     assert "a" not in later
     assert "c" in later
+
+
+def test_a_big_day_of_spans_moves_to_files_sorted_by_trace_key_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lookout.query import read
+
+    monkeypatch.setattr(store_db, "SORTED_SPANS", 8)  # 40 spans: five ranges
+    database, writer = open_store(tmp_path)
+    try:
+        old = time.time_ns() - 3 * DAY_NS
+        traces = [f"{n * 7919:032x}"[::-1] for n in range(1, 21)]  # keys spread unevenly
+        spans = [
+            Span(trace, f"{n:08x}{half:08x}", "", "svc", "op", "server", old + n, old + n + 1)
+            for n, trace in enumerate(traces)
+            for half in (0, 1)
+        ]
+        writer.submit(Batch(spans=spans)).result(10)
+        assert writer.close_days_before(_day(old + DAY_NS)).result(10) == 40
+        rows = database.connection.execute(
+            "SELECT path, rows FROM partition_files ORDER BY path"
+        ).fetchall()
+        assert len(rows) > 1
+        assert sum(count for _, count in rows) == 40
+        ranges = []
+        for path, _ in rows:
+            keys = [
+                key
+                for (key,) in database.connection.execute(
+                    "SELECT trace_key FROM read_parquet(?)", [str(tmp_path / path)]
+                ).fetchall()
+            ]
+            assert keys == sorted(keys), "each file is sorted by trace_key"
+            ranges.append((keys[0], keys[-1]))
+        ranges.sort()
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges)), "the ranges do not overlap"
+        cursor = database.cursor()
+        for trace in traces:
+            found = read.trace(cursor, trace)
+            assert found is not None
+            assert found["span_count"] == 2
+    finally:
+        writer.stop()
+        database.close()
 
 
 def test_traces_sharing_a_trace_key_stay_apart_in_tables_and_in_parquet(tmp_path: Path) -> None:

@@ -72,10 +72,12 @@ class Decoded:
 class _Decoder:
     """Decodes, converts and scrubs one body: the same in a worker and in the server."""
 
-    def __init__(self, settings: DecodeSettings) -> None:
+    def __init__(self, settings: DecodeSettings, scrub: BatchScrubber | None = None) -> None:
         self.limits = settings.limits
         key = settings.scrub_key
-        self.scrub = None if key is None else BatchScrubber(Scrubber(key.encode()))
+        if key is not None and scrub is None:
+            scrub = BatchScrubber(Scrubber(key.encode()))
+        self.scrub = scrub if key is not None else None
 
     def __call__(self, signal: str, body: bytes, content_type: str, now_ns: int) -> Decoded:
         message = otlp.decode(signal, body, content_type)
@@ -118,9 +120,7 @@ def _exit_with(server_pid: int) -> None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the number now belongs to another user's process
+    except (ProcessLookupError, PermissionError):  # gone, or its number reused by another
         return False
     return True
 
@@ -143,10 +143,13 @@ class Decoders:
     """The OTLP decoders of one server: the pool for logs (none with 0 workers), and the
     server process's own for the rest."""
 
-    def __init__(self, settings: DecodeSettings, workers: int) -> None:
+    def __init__(
+        self, settings: DecodeSettings, workers: int, scrub: BatchScrubber | None = None
+    ) -> None:
+        """`scrub`: the server's own scrubber, to share its cache with the other routes."""
         self.settings = settings
         self.workers = workers
-        self._inline = _Decoder(settings)
+        self._inline = _Decoder(settings, scrub)
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self.replaced = 0  # pools replaced after a worker died

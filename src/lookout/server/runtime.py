@@ -50,12 +50,12 @@ class ServerRuntime:
         database.connection.execute(f"SET wal_autocheckpoint = '{WAL_AUTOCHECKPOINT}'")
         writer = Writer(database, metrics, on_commit=derived.observe, limits=config.limits)
         writer.start()
+        scrub = BatchScrubber(Scrubber(config.scrub_key.encode())) if config.scrub else None
         workers = auto_workers() if config.decode_workers is None else config.decode_workers
         settings = DecodeSettings(config.limits, config.scrub_key if config.scrub else None)
-        decoders = Decoders(settings, workers)  # its workers start at the first request
+        decoders = Decoders(settings, workers, scrub)  # workers start at the first request
         runtime = cls(config, database, writer, metrics, derived, config.limits, decoders)
-        if config.scrub:
-            runtime._scrub_batch = BatchScrubber(runtime.scrubber)
+        runtime._scrub_batch = scrub
         return runtime
 
     @property
