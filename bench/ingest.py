@@ -217,7 +217,7 @@ def phase_mixed(
     samples = count_rows(
         data,
         "SELECT count(*) FROM samples JOIN series USING (series_id) "
-        "WHERE name = 'bench_requests_total'",
+        "WHERE name LIKE 'bench\\_m%\\_requests\\_total' ESCAPE '\\'",  # exposition()'s names
     )
     lines = count_rows(data, "SELECT count(*) FROM logs WHERE service = 'bench-run'")
     for _, target in targets:

@@ -133,7 +133,8 @@ KEYS: dict[str, tuple[str, str]] = {
     ),
     "store_memory_limit": (
         "LOOKOUT_STORE_MEMORY_LIMIT",
-        "memory DuckDB may use for its buffers and queries, such as 512MiB (1GiB)",
+        "memory DuckDB may use for its buffers and queries, the startup check included, such "
+        "as 512MiB (1GiB)",
     ),
     "retention": (
         "LOOKOUT_RETENTION",

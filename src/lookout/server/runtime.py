@@ -40,9 +40,8 @@ class ServerRuntime:
     def open(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> ServerRuntime:
         metrics = metrics or ServerMetrics()
         derived = DerivedMetrics()
-        database = Database(config.data_dir)
         megabytes = max(64, config.store_memory_limit // (1024 * 1024))  # an int: not input
-        database.connection.execute(f"SET memory_limit = '{megabytes}MiB'")
+        database = Database(config.data_dir, f"{megabytes}MiB")
         # Checkpoints stall the writer (about a third of a second here, whatever the WAL
         # holds), so they happen on schedule (selfobserve.py, every 5 minutes) and not at
         # DuckDB's default 16 MB of WAL: at 5,000 spans/s that was one stall every 12 s,

@@ -36,7 +36,8 @@ SORTED_SPANS = 1_000_000
 class Database:
     """The open store: one DuckDB connection, partition bookkeeping, view upkeep."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, memory_limit: str | None = None) -> None:
+        """`memory_limit`: DuckDB's, such as `256MiB`, from the first statement on."""
         self.data_dir = data_dir
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ class Database:
         # Damaged files never stop startup: they move to quarantine/ (see recovery.py).
         self.quarantine = Quarantine(data_dir, datetime.now(UTC))
         try:
-            opened = recovery.open_database(self.path, self.quarantine)
+            opened = recovery.open_database(self.path, self.quarantine, memory_limit)
         except duckdb.Error as exc:
             raise StoreError(f"Cannot open the store {self.path}: {exc}") from exc
         self.connection = opened.connection
