@@ -11,8 +11,10 @@ and writing the store. The answer still waits for the commit.
   unpickle (34 µs a span, measured) than to decode here; they are decoded in the server.
 - `decode_workers` sets the pool's size: by default one fewer than the machine's cores
   (at most 4); 0 decodes in the server process, as before the pool.
-- The workers are forked from a forkserver that has imported this module (forking the
-  server itself is unsafe: it runs threads), so a new worker starts in milliseconds.
+- The pool starts at the first log request, which waits about a second for it: a server
+  that never takes OTLP logs (the demo ships stdout) never pays its memory. The workers
+  are forked from a forkserver that has imported this module (forking the server itself
+  is unsafe: it runs threads), so a replacement worker starts in milliseconds.
 - A client's mistake raised in a worker (IngestError, or a payload of the wrong shape)
   comes back as the same exception, and the route answers as it would have.
 - A worker that dies (killed, out of memory) fails the requests it held with 503 and
@@ -168,7 +170,7 @@ class Decoders:
             return self._pool
 
     def start(self) -> list[int]:
-        """Start every worker now, not at the first request; the process ids that
+        """Start every worker now, not at the first log request; the process ids that
         answered (one worker may answer for another still starting)."""
         if not self.workers:
             return []

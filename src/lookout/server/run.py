@@ -82,7 +82,6 @@ async def serve(config: ServerConfig) -> int:
     )
     log = lookout.sdk.get_logger("lookout.server")
     runtime = ServerRuntime.open(config)
-    await asyncio.to_thread(runtime.decoders.start)  # ready before the first request
     startup = runtime.database.quarantine
     integrity.report(runtime, startup, startup.damages)  # CRITICAL, counted, /readyz degraded
     app = main_app(runtime)
