@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import os
 import random
 import signal
 import sys
@@ -286,8 +287,6 @@ def main(argv: list[str]) -> int:
     commands.add_parser("list", help="the bundled scenarios")
     args = parser.parse_args(argv)
     if args.state is not None:
-        import os
-
         os.environ["BUSLINE_STATE"] = str(args.state)
     if args.command == "list":
         for path in sorted(BUNDLED.glob("*.yaml")):

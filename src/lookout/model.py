@@ -24,6 +24,20 @@ def json_text(value: Any) -> str:
         return json.dumps(value, default=str, separators=(",", ":"))
 
 
+class SharedJson:
+    """json_text() of maps that many records share (a request's resource): each encoded
+    once. Keyed by identity, for the length of one batch only."""
+
+    def __init__(self) -> None:
+        self._done: dict[int, tuple[object, str]] = {}
+
+    def __call__(self, value: Attributes) -> str:
+        found = self._done.get(id(value))
+        if found is None or found[0] is not value:
+            found = self._done[id(value)] = (value, json_text(value))
+        return found[1]
+
+
 @dataclass
 class Span:
     trace_id: str
@@ -88,14 +102,8 @@ class LogColumns:
     @classmethod
     def of(cls, records: Iterable[LogRecord]) -> LogColumns:
         columns = cls()
-        resources: dict[int, tuple[Attributes, str]] = {}  # by identity: shared maps
+        resource = SharedJson()
         for record in records:
-            shared = resources.get(id(record.resource))
-            if shared is None or shared[0] is not record.resource:
-                shared = resources[id(record.resource)] = (
-                    record.resource,
-                    json_text(record.resource),
-                )
             columns.ts_ns.append(record.ts_ns)
             columns.observed_ns.append(record.observed_ns)
             columns.service.append(record.service)
@@ -105,7 +113,7 @@ class LogColumns:
             columns.trace_id.append(record.trace_id)
             columns.span_id.append(record.span_id)
             columns.attributes.append(json_text(record.attributes))
-            columns.resource.append(shared[1])
+            columns.resource.append(resource(record.resource))
             columns.source.append(record.source)
         return columns
 

@@ -159,15 +159,25 @@ def any_value(value: Any) -> Any:
 
 
 def attributes(pairs: Any, limits: Limits | None = None) -> dict[str, Any]:
-    """Key-value pairs as a dict; with `limits`, long strings are cut to the limit."""
-    out = {}
+    """Key-value pairs as a dict; with `limits`, long strings are cut to the limit. The
+    common cases first: a non-empty string (a oneof holding one is that), then a number or
+    a bool; it runs for every attribute of every record."""
+    out: dict[str, Any] = {}
+    longest = limits.max_attribute_bytes // 4 if limits else 0  # cannot be over the limit
     for kv in pairs:
         value = kv.value
-        if value.WhichOneof("value") == "string_value":  # the common case, inline
-            text = value.string_value
-            out[kv.key] = text if limits is None else limits.text(text)
-        else:
-            out[kv.key] = any_value(value)
+        string = value.string_value
+        if string:
+            out[kv.key] = (
+                string if limits is None or len(string) <= longest else limits.text(string)
+            )
+            continue
+        kind = value.WhichOneof("value")
+        if kind in _SCALARS:
+            out[kv.key] = getattr(value, kind)
+        else:  # unset, an empty string, an array, a map, bytes
+            found = any_value(value)
+            out[kv.key] = limits.text(found) if limits and isinstance(found, str) else found
     return out
 
 
@@ -322,30 +332,10 @@ def logs(request: Any, limits: Limits, now_ns: int) -> Outcome:
                 body_col.append(body)
                 trace_col.append(trace_id.hex() if len(trace_id) == 16 and any(trace_id) else "")
                 span_col.append(span_id.hex() if len(span_id) == 8 and any(span_id) else "")
-                attributes_col.append(json_text(_pairs(record.attributes, limits)))
+                attributes_col.append(json_text(attributes(record.attributes, limits)))
                 resource_col.append(resource_json)
                 source_col.append("otlp")
     return outcome
-
-
-def _pairs(pairs: Any, limits: Limits) -> dict[str, Any]:
-    """attributes(pairs, limits), the common cases first: a non-empty string (a oneof
-    holding one is that), then a number or a bool."""
-    out: dict[str, Any] = {}
-    longest = limits.max_attribute_bytes // 4  # a string this long cannot be over
-    for kv in pairs:
-        value = kv.value
-        string = value.string_value
-        if string:
-            out[kv.key] = string if len(string) <= longest else limits.text(string)
-            continue
-        kind = value.WhichOneof("value")
-        if kind in _SCALARS:
-            out[kv.key] = getattr(value, kind)
-        else:  # unset, an empty string, an array, a map, bytes
-            found = any_value(value)
-            out[kv.key] = limits.text(found) if isinstance(found, str) else found
-    return out
 
 
 Converter = Callable[[Any, Limits, int], Outcome]

@@ -27,7 +27,16 @@ import pyarrow as pa
 
 from lookout.errors import StoreBusyError, StoreError
 from lookout.ingest.limits import Limits
-from lookout.model import Batch, ErrorEvent, JobRun, LogColumns, Sample, Span, json_text
+from lookout.model import (
+    Batch,
+    ErrorEvent,
+    JobRun,
+    LogColumns,
+    Sample,
+    SharedJson,
+    Span,
+    json_text,
+)
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import recovery
 from lookout.store.db import Database
@@ -61,20 +70,6 @@ def issue_id(project_id: int, fingerprint: str) -> str:
     return hashlib.sha1(f"{project_id}:{fingerprint}".encode(), usedforsecurity=False).hexdigest()[
         :16
     ]
-
-
-class _SharedJson:
-    """json_text() of maps that many records of one request share (their resource): each
-    encoded once. Keyed by identity, for the length of one write only."""
-
-    def __init__(self) -> None:
-        self._done: dict[int, tuple[object, str]] = {}
-
-    def __call__(self, value: dict[str, Any]) -> str:
-        found = self._done.get(id(value))
-        if found is None or found[0] is not value:
-            found = self._done[id(value)] = (value, json_text(value))
-        return found[1]
 
 
 # The Arrow type each SQL column type is appended as (JSON columns take JSON text).
@@ -494,7 +489,7 @@ class Writer:
     ) -> int:
         rows: list[tuple[Any, ...]] = []
         starts: list[int] = []
-        resource = _SharedJson()
+        resource = SharedJson()
         seen = set(staged)
         for s in spans:
             key = s.trace_id + s.span_id
