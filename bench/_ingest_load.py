@@ -586,7 +586,7 @@ def ceiling(spec: CeilingSpec) -> dict[str, Any]:
 def _ceiling_run(
     spec: CeilingSpec, template: Template, runtime: Any, otlp: Any, batch_type: Any
 ) -> dict[str, Any]:
-    from lookout.model import LogColumns
+    from lookout.model import LogColumns, SpanColumns
 
     writer = runtime.writer
     stages = dict.fromkeys(("decode", "convert", "scrub", "commit", "derived"), 0.0)
@@ -600,7 +600,7 @@ def _ceiling_run(
     writer.on_commit = timed_observe
     convert = otlp.spans if spec.signal == "traces" else otlp.logs
     limits = runtime.limits
-    pending: Any = [] if spec.signal == "traces" else LogColumns()
+    pending: Any = SpanColumns() if spec.signal == "traces" else LogColumns()
     stored = 0
     requests = 0
     samples: list[str] = []
@@ -621,7 +621,7 @@ def _ceiling_run(
         message = otlp.decode(spec.signal, body, CONTENT_TYPE)
         t1 = clock()
         outcome = convert(message, limits, time.time_ns())
-        pending.extend(outcome.records if spec.signal == "traces" else outcome.logs)
+        pending.extend(outcome.spans if spec.signal == "traces" else outcome.logs)
         t2 = clock()
         stages["decode"] += t1 - t0
         stages["convert"] += t2 - t1
@@ -661,14 +661,12 @@ def _ceiling_run(
 
 
 def _cut(records: Any, rows: int) -> tuple[Any, Any]:
-    """The first `rows` records (a list of spans, or LogColumns) and the rest."""
-    if isinstance(records, list):
-        return records[:rows], records[rows:]
+    """The first `rows` records (SpanColumns or LogColumns) and the rest."""
     return records.take(range(rows)), records.take(range(rows, len(records)))
 
 
 def _commit(
-    runtime: Any, batch_type: Any, signal: str, records: list[Any], stages: dict[str, float]
+    runtime: Any, batch_type: Any, signal: str, records: Any, stages: dict[str, float]
 ) -> int:
     batch = batch_type(spans=records) if signal == "traces" else batch_type(logs=records)
     began = time.perf_counter()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Self
 
 import orjson
 
@@ -75,17 +75,100 @@ class LogRecord:
     source: str = "otlp"
 
 
-@dataclass
-class LogColumns:
-    """Log records column by column, as a request's records travel to the store.
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
-    Logs come in tens of thousands a second: the OTLP intake fills these lists straight
-    from the decoded request, the scrubber tests whole columns at once, and the writer
-    hands each list to Arrow as it is. An object and two dicts per record cost more than
-    all of that (docs/server.md, "Measured figures"). Attribute and resource maps are held
-    as the JSON text the store keeps; the records of one resource share one text.
-    Intakes with few records (lines, Loki) build LogRecords and append them.
-    """
+
+def _field_names(kind: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in fields(kind))
+    return names
+
+
+class _Columns:
+    """Records held column by column: one list per field, in the order of the fields.
+
+    Spans and log records come in tens of thousands a second. The OTLP intake fills these
+    lists straight from the decoded request, the scrubber tests whole columns at once, the
+    lists cross from a decoding worker to the server as plain values, and the writer hands
+    each to Arrow as it is. An object and a few dicts per record cost more than all of that
+    (docs/server.md, "Measured figures"). Maps are held as the JSON text the store keeps;
+    the records of one resource share one text."""
+
+    def columns(self) -> list[list[Any]]:
+        """Every column, in the order of the fields."""
+        return [getattr(self, name) for name in _field_names(type(self))]
+
+    def __len__(self) -> int:
+        return len(getattr(self, _field_names(type(self))[0]))
+
+    def take(self, rows: Iterable[int]) -> Self:
+        """The records at `rows`, in that order."""
+        picked = list(rows)
+        return type(self)(*([column[i] for i in picked] for column in self.columns()))
+
+    def extend(self, other: Self) -> None:
+        for mine, theirs in zip(self.columns(), other.columns(), strict=True):
+            mine.extend(theirs)
+
+
+@dataclass
+class SpanColumns(_Columns):
+    """Spans as columns (see _Columns), in the order of the store's spans table, less the
+    columns the writer works out (duration, ingested, trace key). Intakes with few spans
+    (Sentry transactions, the server's own) build Spans and convert them with of()."""
+
+    trace_id: list[str] = field(default_factory=list)
+    span_id: list[str] = field(default_factory=list)
+    parent_span_id: list[str] = field(default_factory=list)  # "": a root
+    service: list[str] = field(default_factory=list)
+    name: list[str] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
+    start_ns: list[int] = field(default_factory=list)
+    end_ns: list[int] = field(default_factory=list)
+    status_code: list[str] = field(default_factory=list)
+    status_message: list[str] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)  # JSON text
+    events: list[str] = field(default_factory=list)  # JSON text
+    links: list[str] = field(default_factory=list)  # JSON text
+    resource: list[str] = field(default_factory=list)  # JSON text
+    scope: list[str] = field(default_factory=list)
+    source: list[str] = field(default_factory=list)
+    adjusted_count: list[float] = field(default_factory=list)  # not stored: for span metrics
+
+    @classmethod
+    def of(cls, spans: Iterable[Span]) -> SpanColumns:
+        columns = cls()
+        resource = SharedJson()
+        for span in spans:
+            columns.append(span, resource)
+        return columns
+
+    def append(self, span: Span, resource: SharedJson) -> None:
+        self.trace_id.append(span.trace_id)
+        self.span_id.append(span.span_id)
+        self.parent_span_id.append(span.parent_span_id)
+        self.service.append(span.service)
+        self.name.append(span.name)
+        self.kind.append(span.kind)
+        self.start_ns.append(span.start_ns)
+        self.end_ns.append(span.end_ns)
+        self.status_code.append(span.status_code)
+        self.status_message.append(span.status_message)
+        self.attributes.append(json_text(span.attributes))
+        self.events.append(json_text(span.events))
+        self.links.append(json_text(span.links))
+        self.resource.append(resource(span.resource))
+        self.scope.append(span.scope)
+        self.source.append(span.source)
+        self.adjusted_count.append(span.adjusted_count)
+
+
+@dataclass
+class LogColumns(_Columns):
+    """Log records as columns (see _Columns), in the order of the store's logs table,
+    ingested_ns aside. Intakes with few records (lines, Loki) build LogRecords and convert
+    them with of()."""
 
     ts_ns: list[int] = field(default_factory=list)
     observed_ns: list[int] = field(default_factory=list)  # 0: when it was stored
@@ -116,25 +199,6 @@ class LogColumns:
             columns.resource.append(resource(record.resource))
             columns.source.append(record.source)
         return columns
-
-    def __len__(self) -> int:
-        return len(self.ts_ns)
-
-    def columns(self) -> list[list[Any]]:
-        """Every column, in the order of the store's logs table (ingested_ns aside)."""
-        return [
-            self.ts_ns, self.observed_ns, self.service, self.level, self.severity_number,
-            self.body, self.trace_id, self.span_id, self.attributes, self.resource, self.source,
-        ]  # fmt: skip
-
-    def take(self, rows: Iterable[int]) -> LogColumns:
-        """The records at `rows`, in that order."""
-        picked = list(rows)
-        return LogColumns(*([column[i] for i in picked] for column in self.columns()))
-
-    def extend(self, other: LogColumns) -> None:
-        for mine, theirs in zip(self.columns(), other.columns(), strict=True):
-            mine.extend(theirs)
 
 
 @dataclass
@@ -186,7 +250,7 @@ class JobRun:
 class Batch:
     """What one ingest request stores, in one transaction."""
 
-    spans: list[Span] = field(default_factory=list)
+    spans: SpanColumns = field(default_factory=SpanColumns)
     logs: LogColumns = field(default_factory=LogColumns)
     samples: list[Sample] = field(default_factory=list)
     events: list[ErrorEvent] = field(default_factory=list)

@@ -39,7 +39,7 @@ from lookout.ingest import lines, loki, otlp, scrape, sentry
 from lookout.ingest import metrics as otlp_metrics
 from lookout.ingest.bodies import Inflater
 from lookout.ingest.limits import Limits
-from lookout.model import LogColumns
+from lookout.model import LogColumns, SpanColumns
 from tests.fuzz import mutators, seeds
 from tests.fuzz.regressions import REGRESSIONS
 
@@ -205,11 +205,11 @@ def storable(records: Iterable[Any]) -> None:
             _storable(f"{type(record).__name__}.{column.name}", getattr(record, column.name))
 
 
-def storable_logs(logs: LogColumns) -> None:
-    """storable() for log records held as columns: every value of every column."""
-    for column in dataclasses.fields(logs):
-        for value in getattr(logs, column.name):
-            _storable(f"LogColumns.{column.name}", value)
+def storable_columns(records: LogColumns | SpanColumns) -> None:
+    """storable() for records held as columns: every value of every column."""
+    for column in dataclasses.fields(records):
+        for value in getattr(records, column.name):
+            _storable(f"{type(records).__name__}.{column.name}", value)
 
 
 def _storable(name: str, value: Any) -> None:
@@ -223,8 +223,9 @@ def _storable(name: str, value: Any) -> None:
 
 
 def _batch(batch: Any) -> Any:
-    storable([*batch.spans, *batch.samples, *batch.events, *batch.job_runs])
-    storable_logs(batch.logs)
+    storable([*batch.samples, *batch.events, *batch.job_runs])
+    storable_columns(batch.spans)
+    storable_columns(batch.logs)
     return batch
 
 
@@ -235,7 +236,8 @@ def _otlp(signal: str, content_type: str) -> Callable[[bytes], object]:
         message = otlp.decode(signal, body, content_type)
         outcome = CONVERTERS[signal](message, LIMITS, NOW_NS)
         storable(outcome.records)
-        storable_logs(outcome.logs)
+        storable_columns(outcome.spans)
+        storable_columns(outcome.logs)
         return otlp.encode_response(signal, outcome, otlp.is_json(content_type))
 
     return parse
@@ -259,7 +261,7 @@ def _lines_body(body: bytes) -> object:
         raise IngestError(f"A lines batch must be JSON: {exc}") from exc
     key, outcome, dropped = lines.read_batch(document, LIMITS, NOW_NS)
     storable(outcome.records)
-    storable_logs(LogColumns.of(outcome.records))  # as the route hands them to the store
+    storable_columns(LogColumns.of(outcome.records))  # as the route hands them to the store
     if dropped not in _INT64:  # it goes to a Prometheus counter
         raise UnstorableError(f"dropped is {dropped}")
     return key, outcome, dropped
@@ -269,7 +271,7 @@ def _loki(content_type: str) -> Callable[[bytes], object]:
     def parse(body: bytes) -> object:
         outcome = loki.read_push(body, content_type, "tenant-a", LIMITS, NOW_NS)
         storable(outcome.records)
-        storable_logs(LogColumns.of(outcome.records))  # as the route hands them to the store
+        storable_columns(LogColumns.of(outcome.records))  # as the route hands them to the store
         return outcome
 
     return parse

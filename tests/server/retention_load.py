@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lookout.model import Batch, LogColumns, LogRecord, Sample, Span
+from lookout.model import Batch, LogColumns, LogRecord, Sample, Span, SpanColumns
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import Database, Retention, RetentionPolicy, Writer
 
@@ -123,10 +123,11 @@ class Telemetry:
         """One batch at about `ts_ns`, and its size as JSON."""
         rng = self.rng
         out = Batch()
+        span_list = []
         for i in range(spans):
             trace = f"{rng.getrandbits(128):032x}"
             start = ts_ns + i * 1000
-            out.spans.append(
+            span_list.append(
                 Span(trace, f"{rng.getrandbits(64):016x}", "", rng.choice(SERVICES),
                      f"GET {rng.choice(ROUTES)}", "server", start,
                      start + rng.randint(1, 900) * 1_000_000,
@@ -137,6 +138,7 @@ class Telemetry:
                      resource={"service.name": rng.choice(SERVICES),
                                "host.name": f"node-{rng.randint(0, 7)}"})
             )  # fmt: skip
+        out.spans = SpanColumns.of(span_list)
         records = []
         for i in range(logs):
             words = " ".join(rng.choices(WORDS, k=rng.randint(6, 30)))
@@ -158,7 +160,7 @@ class Telemetry:
             for name, labels in self.series
         )
         size = sum(
-            len(json.dumps(vars(r), default=str)) for r in (*out.spans, *records, *out.samples)
+            len(json.dumps(vars(r), default=str)) for r in (*span_list, *records, *out.samples)
         )
         return out, size
 

@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from lookout.model import Batch, ErrorEvent, JobRun, LogColumns, LogRecord, Sample, Span
+from lookout.model import (
+    Batch,
+    ErrorEvent,
+    JobRun,
+    LogColumns,
+    LogRecord,
+    Sample,
+    Span,
+    SpanColumns,
+)
 from lookout.sdk._scrub import Scrubber
 from tests.server.conftest import InProcess
 
@@ -40,11 +49,11 @@ def seeded(served: InProcess) -> InProcess:
         for i in range(25)
     ] + [LogRecord(NOW - 30 * 10**9, "payments", "error", 17, phone_hash)]  # fmt: skip
     batch = Batch(
-        spans=[
+        spans=SpanColumns.of([
             _span(T1, "01" * 8, "", "gateway", "POST /api/book", 900, **{"http.route": "/api/book"}),
             _span(T1, "02" * 8, "01" * 8, "payments", "mpesa stk push", 850, "error"),
             _span(T2, "03" * 8, "", "gateway", "GET /api/trips", 20),
-        ],
+        ]),
         logs=LogColumns.of(logs),
         samples=[Sample("up", {"job": "ticketing", "instance": "a"}, NOW // 10**6 - 1000, 1.0),
                  Sample("up", {"job": "payments", "instance": "b"}, NOW // 10**6 - 1000, 0.0)],

@@ -19,7 +19,7 @@ import duckdb
 import httpx
 import pytest
 
-from lookout.model import Batch, ErrorEvent, LogColumns, LogRecord, Sample, Span
+from lookout.model import Batch, ErrorEvent, LogColumns, LogRecord, Sample, Span, SpanColumns
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import (
     Damage,
@@ -65,7 +65,7 @@ def build(data_dir: str) -> None:
     spans = [
         Span("a" * 32, f"{i:016x}", "", "hot", "op", "server", now, now + 1) for i in range(SPANS)
     ]
-    writer.submit(Batch(spans=spans)).result(30)
+    writer.submit(Batch(spans=SpanColumns.of(spans))).result(30)
     writer.checkpoint(now).result(60)  # the day tables into the database file
     for part in range(5):
         batch = logs(WAL, COUNTS[WAL] // 5, now + 10**9 + part * 1000)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from lookout import config
 from lookout.errors import ConfigError, IngestError
@@ -56,7 +57,7 @@ def _base64_ids(node: Any) -> Any:
     if isinstance(node, dict):
         return {
             k: base64.b64encode(bytes.fromhex(v)).decode()
-            if k in ("traceId", "spanId")
+            if k in ("traceId", "spanId", "parentSpanId")
             else _base64_ids(v)
             for k, v in node.items()
         }
@@ -107,6 +108,79 @@ def test_pooled_and_inline_decoding_store_the_same_rows(tmp_path: Path) -> None:
     body_text, attributes = stored[0][0][3], stored[0][0][6]
     assert "4111 1111 1111 1111" not in body_text  # scrubbed, in the worker
     assert "hunter2" not in attributes
+
+
+def _spans(count: int, marker: str) -> bytes:
+    """Spans with a secret in every column the scrubber looks at."""
+    now = time.time_ns()
+    card = {"key": "card", "value": {"stringValue": "4111 1111 1111 1111"}}
+    spans = [
+        {
+            "traceId": f"{i + 1:032x}",
+            "spanId": f"{i + 1:016x}",
+            "parentSpanId": f"{i + 2:016x}" if i % 2 else "",
+            "name": f"{marker} {i} charge user@example.com",
+            "kind": 2 + i % 3,
+            "startTimeUnixNano": str(now + i),
+            "endTimeUnixNano": str(now + i + 10**6),
+            "traceState": "ot=th:8" if i % 5 == 0 else "",
+            "status": {"code": 2, "message": "Authorization: Bearer abcdefghijklmnop"},
+            "attributes": [
+                {"key": "password", "value": {"stringValue": "hunter2"}},
+                {"key": "attempt", "value": {"intValue": str(i)}},
+            ],
+            "events": [{"name": "exception", "timeUnixNano": str(now + i), "attributes": [card]}],
+            "links": [
+                {"traceId": f"{i + 9:032x}", "spanId": f"{i + 9:016x}", "attributes": [card]}
+            ],
+        }
+        for i in range(count)
+    ]
+    service = {"key": "service.name", "value": {"stringValue": "payments"}}
+    token = {"key": "api.token", "value": {"stringValue": "s3cr3t-t0ken"}}
+    resource = {"attributes": [service, token]}
+    request = {"resourceSpans": [{"resource": resource, "scopeSpans": [{"spans": spans}]}]}
+    message = ExportTraceServiceRequest()
+    json_format.ParseDict(_base64_ids(request), message)
+    return bytes(message.SerializeToString())
+
+
+def test_pooled_and_inline_decoding_store_the_same_spans(tmp_path: Path) -> None:
+    body = _spans(40, "same")
+    stored = []
+    for workers in (0, 1):
+        config = config_for(tmp_path / f"data-{workers}", decode_workers=workers)
+        with in_process(config) as served:
+            response = served.client.post("/v1/traces", content=body, headers=PROTOBUF)
+            assert response.status_code == 200, response.text
+            if workers:
+                assert served.runtime.decoders.pids(), "the worker decoded them"
+            cursor = served.runtime.database.cursor()
+            stored.append(
+                cursor.execute(
+                    "SELECT * EXCLUDE (ingested_ns) FROM spans WHERE name LIKE 'same%' "
+                    "ORDER BY start_ns"
+                ).fetchall()
+            )
+            calls = served.runtime.derived.calls
+            counted = sum(
+                sample.value
+                for family in calls.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total") and sample.labels["service_name"] == "payments"
+            )
+            assert counted == 32 + 8 * 2  # a threshold of 8 keeps half: those count twice
+    assert len(stored[0]) == 40
+    assert stored[0] == stored[1]
+    text = repr(stored[0])
+    for secret in (
+        "4111 1111 1111 1111",
+        "user@example.com",
+        "abcdefghijklmnop",
+        "hunter2",
+        "s3cr3t",
+    ):
+        assert secret not in text  # scrubbed in every column, in the worker too
 
 
 @pytest.mark.parametrize(
@@ -212,14 +286,14 @@ def test_no_decoder_outlives_a_server_killed_with_kill_9(tmp_path: Path) -> None
         server.stop()
 
 
-def test_spans_are_decoded_in_the_server_process(tmp_path: Path) -> None:
-    """Spans come back from a worker as objects, slower to unpickle than to decode here."""
+def test_metrics_are_decoded_in_the_server_process(tmp_path: Path) -> None:
+    """Samples come back from a worker as objects, slower to unpickle than to decode here."""
     now = time.time_ns()
-    span = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": "GET /trips", "kind": 2,
-            "startTimeUnixNano": str(now), "endTimeUnixNano": str(now + 1000)}  # fmt: skip
-    traces = {"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}
+    point = {"asInt": "3", "timeUnixNano": str(now)}
+    metric = {"name": "jobs", "gauge": {"dataPoints": [point]}}
+    metrics = {"resourceMetrics": [{"scopeMetrics": [{"metrics": [metric]}]}]}
     with in_process(config_for(tmp_path / "data", decode_workers=1)) as served:
-        assert served.client.post("/v1/traces", json=traces).status_code == 200
+        assert served.client.post("/v1/metrics", json=metrics).status_code == 200
         assert served.runtime.decoders.pids() == []  # no worker was needed
-        assert served.client.post("/v1/logs", content=_logs(1, "x"), headers=PROTOBUF).is_success
+        assert served.client.post("/v1/traces", content=_spans(1, "x"), headers=PROTOBUF).is_success
         assert len(served.runtime.decoders.pids()) == 1

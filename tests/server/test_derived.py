@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lookout.model import LogColumns, Span
+from lookout.model import LogColumns, Span, SpanColumns
 from lookout.server import derived as derived_module
 from lookout.server.selfobserve import snapshot
 from lookout.store import issue_id
@@ -109,14 +109,14 @@ def test_each_family_caps_its_series_and_counts_what_it_drops(
         Span("cd" * 16, f"{i:016x}", "", "svc", f"op-{i}", "server", now, now + 1)
         for i in range(1, 6)
     ]
-    served.runtime.derived.observe(spans, LogColumns(), [], [])
+    served.runtime.derived.observe(SpanColumns.of(spans), LogColumns(), [], [])
     assert (
         _value(served, "lookout_derived_series_dropped_total", metric="traces_span_metrics") == 3.0
     )
 
 
 def test_derived_series_are_written_with_the_servers_own(served: InProcess) -> None:
-    served.runtime.derived.observe([], LogColumns(), [], [])
+    served.runtime.derived.observe(SpanColumns(), LogColumns(), [], [])
     names = {s.name for s in snapshot(served.runtime, "127.0.0.1:8686", 0)}
     assert "lookout_store_writer_queue_depth" in names
     served.client.post(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lookout.ingest.metrics import metric_name
-from lookout.model import Batch, Span
+from lookout.model import Batch, Span, SpanColumns
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import Database, Writer
 from tests.server.conftest import DSN_KEY, InProcess
@@ -125,15 +125,28 @@ def test_a_cancelled_request_does_not_kill_the_writer(tmp_path: Path) -> None:
     with database.lock:  # hold the writer back so the caller gives up first
         future = writer.submit(
             Batch(
-                spans=[
-                    Span("a" * 32, "b" * 16, "", "s", "n", "server", time.time_ns(), time.time_ns())
-                ]
+                spans=SpanColumns.of(
+                    [
+                        Span(
+                            "a" * 32,
+                            "b" * 16,
+                            "",
+                            "s",
+                            "n",
+                            "server",
+                            time.time_ns(),
+                            time.time_ns(),
+                        )
+                    ]
+                )
             )
         )
         future.cancel()
     later = writer.submit(
         Batch(
-            spans=[Span("c" * 32, "d" * 16, "", "s", "n", "server", time.time_ns(), time.time_ns())]
+            spans=SpanColumns.of(
+                [Span("c" * 32, "d" * 16, "", "s", "n", "server", time.time_ns(), time.time_ns())]
+            )
         )
     )
     assert later.result(10) == 1
@@ -150,9 +163,9 @@ def test_a_store_opened_by_another_spelling_of_its_path_keeps_its_parquet(
     writer = Writer(database, ServerMetrics())
     writer.start()
     old = time.time_ns() - 3 * 86400 * 10**9
-    writer.submit(Batch(spans=[Span("e" * 32, "f" * 16, "", "s", "n", "server", old, old)])).result(
-        10
-    )
+    writer.submit(
+        Batch(spans=SpanColumns.of([Span("e" * 32, "f" * 16, "", "s", "n", "server", old, old)]))
+    ).result(10)
     assert writer.close_days_before("99991231").result(10) == 1
     writer.stop()
     database.close()

@@ -16,7 +16,7 @@ import pytest
 
 from lookout.config import load
 from lookout.errors import ConfigError
-from lookout.model import Batch, LogColumns, LogRecord, Span
+from lookout.model import Batch, LogColumns, LogRecord, Span, SpanColumns
 from lookout.selfmetrics import ServerMetrics
 from lookout.server.run import retain_forever
 from lookout.server.runtime import ServerRuntime
@@ -304,7 +304,8 @@ def test_enforcing_drops_expired_days_counts_them_and_reports_bytes(tmp_path: Pa
     database, writer = _open(tmp_path)
     expired = now - 9 * DAY * 10**9
     batch = Batch(
-        logs=LogColumns.of([_log(expired), _log(now)]), spans=[_span(expired, 1), _span(now, 2)]
+        logs=LogColumns.of([_log(expired), _log(now)]),
+        spans=SpanColumns.of([_span(expired, 1), _span(now, 2)]),
     )
     writer.submit(batch).result(10)
     metrics = ServerMetrics()

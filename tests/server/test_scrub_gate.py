@@ -157,3 +157,26 @@ def test_generated_texts_the_rules_change_all_pass_the_gate(texts: list[str]) ->
 @given(st.lists(st.dictionaries(_KEYS, _VALUE, max_size=4), min_size=1, max_size=10))
 def test_generated_maps_the_rules_change_all_pass_the_gate(maps: list[dict[str, Any]]) -> None:
     assert _misses(MAP_GATE, [json_text(m) for m in maps], _map_changes) == []
+
+
+def _value_changes(text: str) -> bool:
+    value = json.loads(text)
+    return SCRUBBER.scrub_value(value) != value
+
+
+_EVENT = st.fixed_dictionaries(
+    {
+        "name": _TEXT,
+        "time_ns": st.integers(0, 2**63 - 1),
+        "attributes": st.dictionaries(_KEYS, _VALUE, max_size=3),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(_EVENT, max_size=3), min_size=1, max_size=10))
+def test_generated_span_events_the_rules_change_all_pass_the_gate(
+    events: list[list[dict[str, Any]]],
+) -> None:
+    """A span's events and links are stored as JSON lists of maps: the map gate covers them."""
+    assert _misses(MAP_GATE, [json_text(e) for e in events], _value_changes) == []

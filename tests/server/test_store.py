@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from lookout.errors import StoreError
-from lookout.model import Batch, ErrorEvent, Span
+from lookout.model import Batch, ErrorEvent, Span, SpanColumns
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import SCHEMA_VERSION, Database, Writer
 from lookout.store import db as store_db
+from lookout.store import writer as writer_module
+from lookout.store.schema import day_of, day_table
 
 DAY_NS = 86400 * 10**9
 
@@ -69,7 +71,9 @@ def test_startup_checks_the_built_in_extensions(
 def test_records_are_partitioned_by_signal_and_day(tmp_path: Path) -> None:
     database, writer = open_store(tmp_path)
     now = time.time_ns()
-    writer.submit(Batch(spans=[_span("a", "1", now), _span("b", "2", now - DAY_NS)])).result(10)
+    writer.submit(
+        Batch(spans=SpanColumns.of([_span("a", "1", now), _span("b", "2", now - DAY_NS)]))
+    ).result(10)
     tables = {
         r[0] for r in database.connection.execute("SELECT table_name FROM partitions").fetchall()
     }
@@ -82,7 +86,10 @@ def test_records_are_partitioned_by_signal_and_day(tmp_path: Path) -> None:
 def test_hot_tables_carry_no_indexes_or_unique_constraints(tmp_path: Path) -> None:
     database, writer = open_store(tmp_path)
     writer.submit(
-        Batch(spans=[_span("a", "1", time.time_ns())], events=[_event("e" * 32, time.time_ns())])
+        Batch(
+            spans=SpanColumns.of([_span("a", "1", time.time_ns())]),
+            events=[_event("e" * 32, time.time_ns())],
+        )
     ).result(10)
     connection = database.connection
     assert connection.execute("SELECT count(*) FROM duckdb_indexes()").fetchone() == (0,)
@@ -96,7 +103,7 @@ def test_hot_tables_carry_no_indexes_or_unique_constraints(tmp_path: Path) -> No
 
 def test_the_future_resolves_only_after_commit(tmp_path: Path) -> None:
     database, writer = open_store(tmp_path)
-    future = writer.submit(Batch(spans=[_span("c", "3", time.time_ns())]))
+    future = writer.submit(Batch(spans=SpanColumns.of([_span("c", "3", time.time_ns())])))
     assert future.result(10) == 1
     reader = database.cursor()  # another connection sees the commit at once
     assert reader.execute("SELECT count(*) FROM spans").fetchone() == (1,)
@@ -107,7 +114,7 @@ def test_the_future_resolves_only_after_commit(tmp_path: Path) -> None:
 def test_resends_are_deduplicated_even_after_a_restart(tmp_path: Path) -> None:
     database, writer = open_store(tmp_path)
     now = time.time_ns()
-    batch = Batch(spans=[_span("d", "4", now)], events=[_event("f" * 32, now)])
+    batch = Batch(spans=SpanColumns.of([_span("d", "4", now)]), events=[_event("f" * 32, now)])
     assert writer.submit(batch).result(10) == 2
     assert writer.submit(batch).result(10) == 0
     writer.stop()
@@ -120,10 +127,37 @@ def test_resends_are_deduplicated_even_after_a_restart(tmp_path: Path) -> None:
     database.close()
 
 
+@pytest.mark.parametrize("keys_loaded", [2, 0], ids=["two-in-the-window", "none-in-the-window"])
+def test_a_restart_remembers_the_span_keys_of_the_dedup_window_only(
+    tmp_path: Path, keys_loaded: int
+) -> None:
+    database, writer = open_store(tmp_path)
+    now = time.time_ns()
+    spans = SpanColumns.of([_span(t * 2, t * 2, now) for t in "abc"])
+    assert writer.submit(Batch(spans=spans)).result(10) == 3
+    writer.stop()
+    # Ingested two hours ago: outside the window, so not worth remembering after a restart.
+    older = now - 2 * writer_module.DEDUP_WINDOW_S * 10**9
+    table = day_table("spans", day_of("spans", now))
+    database.connection.execute(
+        f"UPDATE {table} SET ingested_ns = ? WHERE span_id >= ?",
+        [older, "abc"[keys_loaded] * 16],
+    )
+    database.close()
+    database, writer = open_store(tmp_path)
+    remembered = [t * 32 + t * 16 in writer._span_keys for t in "abc"]
+    assert remembered == [i < keys_loaded for i in range(3)]
+    assert len(writer._span_keys) == keys_loaded
+    writer.stop()
+    database.close()
+
+
 def test_one_bad_request_does_not_sink_its_neighbours(tmp_path: Path) -> None:
     database, writer = open_store(tmp_path)
-    good = Batch(spans=[_span("e", "5", time.time_ns())])
-    bad = Batch(spans=[Span("a" * 32, "b" * 16, "", "svc", "op", "server", 2**70, 2**70)])
+    good = Batch(spans=SpanColumns.of([_span("e", "5", time.time_ns())]))
+    bad = Batch(
+        spans=SpanColumns.of([Span("a" * 32, "b" * 16, "", "svc", "op", "server", 2**70, 2**70)])
+    )
     futures = [writer.submit(bad), writer.submit(good)]
     with pytest.raises(StoreError):
         futures[0].result(10)
@@ -142,7 +176,9 @@ def test_closed_days_move_to_parquet_and_stay_readable(tmp_path: Path) -> None:
     database, writer = open_store(tmp_path)
     now = time.time_ns()
     old = now - 3 * DAY_NS
-    writer.submit(Batch(spans=[_span("a", "1", old), _span("b", "2", now)])).result(10)
+    writer.submit(Batch(spans=SpanColumns.of([_span("a", "1", old), _span("b", "2", now)]))).result(
+        10
+    )
     moved = writer.close_days_before(_day(now - DAY_NS)).result(10)
     assert moved == 1
     tables = {
@@ -156,7 +192,7 @@ def test_closed_days_move_to_parquet_and_stay_readable(tmp_path: Path) -> None:
     assert path.endswith(".parquet")
     assert database.connection.execute("SELECT count(*) FROM spans").fetchone() == (2,)
     # A late record for the closed day lands in a new table beside the file.
-    writer.submit(Batch(spans=[_span("c", "3", old)])).result(10)
+    writer.submit(Batch(spans=SpanColumns.of([_span("c", "3", old)]))).result(10)
     assert database.connection.execute(
         "SELECT count(*) FROM spans WHERE start_ns = ?", [old]
     ).fetchone() == (2,)
@@ -234,7 +270,7 @@ def test_spans_stored_before_trace_key_existed_are_still_found_by_trace_id(
         )
     database, writer = open_store(tmp_path)
     try:
-        writer.submit(Batch(spans=[_span("cc", "33", now)])).result(10)
+        writer.submit(Batch(spans=SpanColumns.of([_span("cc", "33", now)]))).result(10)
         cursor = database.cursor()
         for trace in ("a", "b", "c"):
             found = read.trace(cursor, trace * 32)
@@ -280,7 +316,7 @@ def test_a_big_day_of_spans_moves_to_files_sorted_by_trace_key_ranges(
             for n, trace in enumerate(traces)
             for half in (0, 1)
         ]
-        writer.submit(Batch(spans=spans)).result(10)
+        writer.submit(Batch(spans=SpanColumns.of(spans))).result(10)
         assert writer.close_days_before(_day(old + DAY_NS)).result(10) == 40
         rows = database.connection.execute(
             "SELECT path, rows FROM partition_files ORDER BY path"
@@ -322,7 +358,7 @@ def test_traces_sharing_a_trace_key_stay_apart_in_tables_and_in_parquet(tmp_path
                 [(first, now), (second, now), (first, now - 3 * DAY_NS), (second, now - 3 * DAY_NS)]
             )
         ]
-        writer.submit(Batch(spans=spans)).result(10)
+        writer.submit(Batch(spans=SpanColumns.of(spans))).result(10)
         assert writer.close_days_before(_day(now - DAY_NS)).result(10) == 2
         cursor = database.cursor()
         for trace in (first, second):

@@ -8,13 +8,14 @@ scrubbed text stays as it is). Config key `scrub` turns it off.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lookout.model import Batch, LogColumns, json_text
+from lookout.model import Batch, LogColumns, SpanColumns, json_text
 from lookout.sdk._scrub import MAP_GATE, TEXT_GATE, Scrubber
 
 _LABEL_CACHE_MAX = 200_000
@@ -34,26 +35,8 @@ class BatchScrubber:
         self._labels: dict[tuple[str, str], str] = {}
 
     def __call__(self, batch: Batch) -> None:
-        scrub = self.scrubber
-        text, value, mapping = self._text, scrub.scrub_value, self._mapping
-        # Records of one resource share its attribute map: scrub each map once.
-        resources: dict[int, dict[str, Any]] = {}
-
-        def resource(attributes: dict[str, Any]) -> dict[str, Any]:
-            found = resources.get(id(attributes))
-            if found is None:
-                found = resources[id(attributes)] = mapping(attributes)
-            return found
-
-        for span in batch.spans:
-            span.name = text(span.name)
-            span.status_message = text(span.status_message)
-            span.attributes = mapping(span.attributes)
-            span.resource = resource(span.resource)
-            if span.events:
-                span.events = value(span.events)
-            if span.links:
-                span.links = value(span.links)
+        text, mapping = self._text, self._mapping
+        self._spans(batch.spans)
         self._logs(batch.logs)
         for event in batch.events:
             event.title = text(event.title)
@@ -70,34 +53,54 @@ class BatchScrubber:
         for run in batch.job_runs:
             run.monitor = text(run.monitor)
 
+    def _spans(self, spans: SpanColumns) -> None:
+        """Scrub span columns, as _logs() does log columns."""
+        if not spans:
+            return
+        for column in (spans.name, spans.status_message):
+            self._texts(column)
+        self._maps(spans.attributes)
+        for column in (spans.events, spans.links):
+            for row in _matching(column, MAP_GATE):
+                column[row] = self._json(column[row], self.scrubber.scrub_value)
+        spans.resource = self._shared_maps(spans.resource)
+
     def _logs(self, logs: LogColumns) -> None:
         """Scrub log columns: Arrow's regex engine finds, a column at a time, the values the
         rules could change (the gates); only those go through the scrubber. Most log lines
         hold nothing to scrub, and testing each in Python cost more than storing it."""
         if not logs:
             return
-        bodies = logs.body
-        for row in _matching(bodies, TEXT_GATE):
-            bodies[row] = self._text(bodies[row])
-        attributes = logs.attributes
-        for row in _matching(attributes, MAP_GATE):
-            attributes[row] = self._json_map(attributes[row])
-        resources = logs.resource
-        distinct = list({id(text): text for text in resources}.values())  # shared texts
-        changed = {
-            id(distinct[i]): self._json_map(distinct[i]) for i in _matching(distinct, MAP_GATE)
-        }
-        if changed:
-            logs.resource = [changed.get(id(text), text) for text in resources]
+        self._texts(logs.body)
+        self._maps(logs.attributes)
+        logs.resource = self._shared_maps(logs.resource)
 
-    def _json_map(self, text: str) -> str:
-        """A JSON map, scrubbed: the same text when nothing changed."""
+    def _texts(self, column: list[str]) -> None:
+        for row in _matching(column, TEXT_GATE):
+            column[row] = self._text(column[row])
+
+    def _maps(self, column: list[str]) -> None:
+        """A column of JSON maps, scrubbed in place."""
+        for row in _matching(column, MAP_GATE):
+            column[row] = self._json(column[row], self._mapping)
+
+    def _shared_maps(self, column: list[str]) -> list[str]:
+        """A column of JSON maps that rows share (a resource), each distinct text scrubbed
+        once: the same list when nothing changed."""
+        distinct = list({id(text): text for text in column}.values())
+        changed = {
+            id(distinct[i]): self._json(distinct[i], self._mapping)
+            for i in _matching(distinct, MAP_GATE)
+        }
+        return [changed.get(id(text), text) for text in column] if changed else column
+
+    def _json(self, text: str, scrub: Callable[[Any], Any]) -> str:
+        """JSON text, scrubbed by `scrub`: the same text when nothing changed."""
         try:
             value = orjson.loads(text)
         except orjson.JSONDecodeError:  # an integer beyond 64 bits (json_text wrote it)
             value = json.loads(text)
-        scrubbed = self._mapping(value)
-        found = json_text(scrubbed)
+        found = json_text(scrub(value))
         return text if found == text else found
 
     def _text(self, text: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from lookout.errors import IngestError
 from lookout.ingest.jsonbody import load_json
-from lookout.model import Batch, ErrorEvent, JobRun, Span
+from lookout.model import Batch, ErrorEvent, JobRun, Span, SpanColumns
 
 _AUTH_KEY = re.compile(r"sentry_key\s*=\s*([^,\s]+)")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -337,7 +337,7 @@ def read_envelope(
         elif item.type == "transaction":
             event = _payload_json(item)
             intake.event_id = _event_id(event.get("event_id") or intake.event_id)
-            intake.batch.spans.extend(transaction_spans(event, now))
+            intake.batch.spans.extend(SpanColumns.of(transaction_spans(event, now)))
         elif item.type == "check_in":
             intake.batch.job_runs.append(job_run(_payload_json(item), project_id, now))
         elif item.type == "client_report":

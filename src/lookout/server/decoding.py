@@ -1,18 +1,20 @@
-"""OTLP log requests decoded, converted and scrubbed in worker processes.
+"""OTLP span and log requests decoded, converted and scrubbed in worker processes.
 
 Python runs one thread of a process at a time, and turning an OTLP body into scrubbed
 records is most of what ingest costs: about 25 µs of a log record's 35 µs (docs/server.md,
-"Measured figures"). So the logs route hands the body to a pool of worker processes and
-gets back a Batch ready for the writer, while the server process goes on reading requests
-and writing the store. The answer still waits for the commit.
+"Measured figures"). So the traces and logs routes hand the body to a pool of worker
+processes and get back a Batch ready for the writer, while the server process goes on
+reading requests, answering queries and writing the store. The answer still waits for the
+commit.
 
-- Only logs: they come back as columns of plain values (LogColumns), about 5 µs a record
-  to send and receive. Spans and metric samples are objects, which cost more to pickle and
-  unpickle (34 µs a span, measured) than to decode here; they are decoded in the server.
+- Spans and logs come back as columns of plain values (SpanColumns, LogColumns), a few µs
+  a record to send and receive. Metric samples are objects, which cost more to pickle and
+  unpickle than to decode here (34 µs a span when spans were objects, measured); they are
+  decoded in the server.
 - `decode_workers` sets the pool's size: by default one fewer than the machine's cores
   (at most 4); 0 decodes in the server process, as before the pool.
-- The pool starts at the first log request, which waits about a second for it: a server
-  that never takes OTLP logs (the demo ships stdout) never pays its memory. The workers
+- The pool starts at the first span or log request, which waits about a second for it: a
+  server that never takes OTLP spans or logs never pays its memory. The workers
   are forked from a forkserver that has imported this module (forking the server itself
   is unsafe: it runs threads), so a replacement worker starts in milliseconds.
 - A client's mistake raised in a worker (IngestError, or a payload of the wrong shape)
@@ -43,7 +45,7 @@ from lookout.sdk._scrub import Scrubber
 
 MAX_AUTO_WORKERS = 4
 CONVERTERS = {"traces": otlp.spans, "logs": otlp.logs, "metrics": otlp_metrics.samples}
-POOLED = frozenset({"logs"})  # the signals the workers decode
+POOLED = frozenset({"traces", "logs"})  # the signals the workers decode
 
 
 class DecoderLostError(StoreError):
@@ -86,7 +88,7 @@ class _Decoder:
         outcome = CONVERTERS[signal](message, self.limits, now_ns)
         batch = Batch()
         if signal == "traces":
-            batch.spans = outcome.records
+            batch.spans = outcome.spans
         elif signal == "logs":
             batch.logs = outcome.logs
         else:
@@ -142,8 +144,8 @@ def auto_workers(cores: int | None = None) -> int:
 
 
 class Decoders:
-    """The OTLP decoders of one server: the pool for logs (none with 0 workers), and the
-    server process's own for the rest."""
+    """The OTLP decoders of one server: the pool for spans and logs (none with 0 workers),
+    and the server process's own for the rest."""
 
     def __init__(
         self, settings: DecodeSettings, workers: int, scrub: BatchScrubber | None = None
@@ -170,7 +172,7 @@ class Decoders:
             return self._pool
 
     def start(self) -> list[int]:
-        """Start every worker now, not at the first log request; the process ids that
+        """Start every worker now, not at the first pooled request; the process ids that
         answered (one worker may answer for another still starting)."""
         if not self.workers:
             return []

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from lookout.model import ErrorEvent, JobRun, LogColumns, Span
+from lookout.model import ErrorEvent, JobRun, LogColumns, SpanColumns
 from lookout.sdk._metrics import DEFAULT_BUCKETS
 from lookout.store import issue_id
 
@@ -92,7 +92,7 @@ class DerivedMetrics:
 
     def observe(
         self,
-        spans: Sequence[Span],
+        spans: SpanColumns,
         logs: LogColumns,
         events: Sequence[ErrorEvent],
         runs: Sequence[JobRun],
@@ -101,10 +101,12 @@ class DerivedMetrics:
         each series is looked up once per commit, not once per record."""
         durations: dict[tuple[str, ...], list[float]] = collections.defaultdict(list)
         calls: dict[tuple[str, ...], float] = collections.defaultdict(float)
-        for span in spans:
-            key = (span.service, span.name, span.kind, span.status_code)
-            calls[key] += span.adjusted_count
-            durations[key].append(max(0, span.end_ns - span.start_ns) / 1e9)
+        for key, count, start, end in zip(
+            zip(spans.service, spans.name, spans.kind, spans.status_code, strict=True),
+            spans.adjusted_count, spans.start_ns, spans.end_ns, strict=True,
+        ):  # fmt: skip
+            calls[key] += count
+            durations[key].append((end - start) / 1e9 if end > start else 0.0)
         for group, seconds in durations.items():
             if self._admit("traces_span_metrics", group):
                 self.calls.labels(*group).inc(calls[group])

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 
 import lookout.sdk
 from lookout.errors import StoreError
-from lookout.model import Batch, Sample, Span
+from lookout.model import Batch, Sample, Span, SpanColumns
 from lookout.server.runtime import ServerRuntime
 
 SELF_JOB = "lookout"
@@ -55,7 +55,7 @@ class StoreSpanExporter(SpanExporter):
         self.runtime = runtime
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        batch = Batch(spans=[_span(s) for s in spans if s.context is not None])
+        batch = Batch(spans=SpanColumns.of(_span(s) for s in spans if s.context is not None))
         try:
             self.runtime.writer.submit(batch)
         except StoreError:

@@ -33,8 +33,7 @@ from lookout.model import (
     JobRun,
     LogColumns,
     Sample,
-    SharedJson,
-    Span,
+    SpanColumns,
     json_text,
 )
 from lookout.selfmetrics import ServerMetrics
@@ -52,7 +51,7 @@ from lookout.store.schema import (
 
 Job = Callable[[], int]
 # Told what a transaction stored, after its commit: (spans, logs, events, job runs).
-OnCommit = Callable[[list[Span], LogColumns, list[ErrorEvent], list[JobRun]], None]
+OnCommit = Callable[[SpanColumns, LogColumns, list[ErrorEvent], list[JobRun]], None]
 DEDUP_WINDOW_S = 3600
 ACK_BEFORE_COMMIT_VARIABLE = "LOOKOUT_TEST_ACK_BEFORE_COMMIT"
 ACK_BEFORE_COMMIT_DELAY_S = 0.2
@@ -172,15 +171,21 @@ class Writer:
         self._series_per_name = collections.Counter(name for _, name in rows)
         self._issues = {r[0] for r in connection.execute("SELECT issue_id FROM issues").fetchall()}
         now = time.time_ns()
-        # The newest keys only, oldest first, a chunk at a time: what a restart's resends
-        # can need, never a day's worth of strings in memory at once.
-        result = connection.execute(
-            "SELECT key FROM (SELECT trace_id || span_id AS key, ingested_ns FROM spans "
-            "WHERE ingested_ns >= ? ORDER BY ingested_ns DESC LIMIT ?) ORDER BY ingested_ns",
+        # The newest keys only, a chunk at a time: what a restart's resends can need, never
+        # a day's worth of strings in memory at once. The cut-off time is found first, over
+        # one integer column: sorting the keys themselves took DuckDB's whole memory limit
+        # at 10 M spans, on top of the server's own (docs/server.md, "Measured figures").
+        (since,) = connection.execute(
+            "SELECT min(ingested_ns) FROM (SELECT ingested_ns FROM spans "
+            "WHERE ingested_ns >= ? ORDER BY ingested_ns DESC LIMIT ?)",
             [now - self._span_keys.window_ns, self._span_keys.most],
-        )
-        while chunk := result.fetchmany(100_000):
-            self._span_keys.add_all((r[0] for r in chunk), now)
+        ).fetchone() or (None,)
+        if since is not None:  # None: no span in the window
+            result = connection.execute(
+                "SELECT trace_id || span_id FROM spans WHERE ingested_ns >= ?", [since]
+            )
+            while chunk := result.fetchmany(100_000):
+                self._span_keys.add_all((r[0] for r in chunk), now)
         for keys, table, column, kind in (
             (self._event_keys, "events", "event_id", ""),
             (self._batch_keys, "logs", "source", "run:%"),
@@ -357,17 +362,17 @@ class Writer:
         began = time.perf_counter()
         now = time.time_ns()
         new_partitions: dict[str, set[str]] = collections.defaultdict(set)
-        staged_span_keys: list[str] = []
+        staged_span_keys: set[str] = set()
         staged_event_keys: list[str] = []
         staged_batch_keys: list[str] = []
-        staged_entry_keys: list[str] = []
+        staged_entry_keys: set[str] = set()
         new_series: dict[int, str] = {}  # series id -> metric name
         new_issues: set[str] = set()
         with database.lock:
             connection.execute("BEGIN TRANSACTION")
             try:
                 written = []
-                logs = LogColumns()  # appended once, after the loop
+                spans, logs = SpanColumns(), LogColumns()  # appended once, after the loop
                 for batch in batches:
                     key = batch.dedup_key
                     if key is not None:
@@ -376,17 +381,15 @@ class Writer:
                             written.append(0)
                             continue
                         staged_batch_keys.append(key)
-                    count = 0
-                    count += self._write_spans(batch.spans, now, new_partitions, staged_span_keys)
-                    kept_logs = self._write_logs(batch.logs, staged_entry_keys)
-                    logs.extend(kept_logs)
-                    count += len(kept_logs)
+                    count = self._write_spans(batch.spans, staged_span_keys, spans)
+                    count += self._write_logs(batch.logs, staged_entry_keys, logs)
                     count += self._write_samples(batch.samples, now, new_partitions, new_series)
                     count += self._write_events(
                         batch.events, now, new_partitions, staged_event_keys, new_issues
                     )
                     count += self._write_job_runs(batch.job_runs, now, new_partitions)
                     written.append(count)
+                self._insert_spans(spans, now, new_partitions)
                 self._insert_logs(logs, now, new_partitions)
                 if new_partitions:
                     database.refresh_views(set(new_partitions))
@@ -398,7 +401,7 @@ class Writer:
         database.commits.committed(seq)
         self._span_keys.add_all(staged_span_keys, now)
         self._event_keys.add_all(staged_event_keys, now)
-        self._notify(batches, written, logs, set(staged_span_keys), set(staged_event_keys))
+        self._notify(batches, written, spans, logs, set(staged_event_keys))
         self._batch_keys.add_all(staged_batch_keys, now)
         self._entry_keys.add_all(staged_entry_keys, now)
         total = sum(written)
@@ -422,17 +425,18 @@ class Writer:
         self,
         batches: Sequence[Batch],
         written: list[int],
+        spans: SpanColumns,
         logs: LogColumns,
-        span_keys: set[str],
         event_keys: set[str],
     ) -> None:
-        """Tell `on_commit` what was stored: resent batches, spans and events left out."""
+        """Tell `on_commit` what was stored: resent batches, spans and events left out
+        (the spans and logs given are those stored already)."""
         if self.on_commit is None:
             return
         kept = [b for b, n in zip(batches, written, strict=True) if n or b.dedup_key is None]
         with contextlib.suppress(Exception):  # derived counts must never fail a write
             self.on_commit(
-                [s for b in kept for s in b.spans if s.trace_id + s.span_id in span_keys],
+                spans,
                 logs,
                 [e for b in kept for e in b.events if e.event_id in event_keys],
                 [r for b in kept for r in b.job_runs],
@@ -484,64 +488,48 @@ class Writer:
             ).insert_into(table)
         self.metrics.records.labels(signal).inc(len(days))
 
-    def _write_spans(
-        self, spans: list[Span], now: int, parts: dict[str, set[str]], staged: list[str]
-    ) -> int:
-        rows: list[tuple[Any, ...]] = []
-        starts: list[int] = []
-        resource = SharedJson()
-        seen = set(staged)
-        for s in spans:
-            key = s.trace_id + s.span_id
-            if key in self._span_keys or key in seen:
+    def _write_spans(self, spans: SpanColumns, staged: set[str], into: SpanColumns) -> int:
+        """Add to `into` the spans to store, leaving out (and counting) those seen before;
+        return how many."""
+        known = self._span_keys
+        kept = []
+        for row, key in enumerate(map(str.__add__, spans.trace_id, spans.span_id)):
+            if key in known or key in staged:
                 self.metrics.duplicates.labels("spans").inc()
                 continue
-            seen.add(key)
-            staged.append(key)
-            rows.append(
-                (
-                    s.trace_id,
-                    s.span_id,
-                    s.parent_span_id,
-                    s.service,
-                    s.name,
-                    s.kind,
-                    s.start_ns,
-                    s.end_ns,
-                    max(0, s.end_ns - s.start_ns),
-                    s.status_code,
-                    s.status_message,
-                    json_text(s.attributes),
-                    json_text(s.events),
-                    json_text(s.links),
-                    resource(s.resource),
-                    s.scope,
-                    s.source,
-                    now,
-                    trace_key(s.trace_id),
-                )
-            )
-            starts.append(s.start_ns)
-        if rows:
-            self._insert("spans", rows, days_of("spans", starts), parts)
-        return len(rows)
+            staged.add(key)
+            kept.append(row)
+        into.extend(spans if len(kept) == len(spans) else spans.take(kept))
+        return len(kept)
 
-    def _write_logs(self, logs: LogColumns, staged: list[str]) -> LogColumns:
-        """The records to store: Loki entries seen before are left out (counted)."""
+    def _insert_spans(self, spans: SpanColumns, now: int, parts: dict[str, set[str]]) -> None:
+        """One append for every span of a transaction, as _insert_logs()."""
+        if not spans:
+            return
+        columns = spans.columns()[:-1]  # adjusted_count is not stored
+        starts, ends = spans.start_ns, spans.end_ns
+        columns.insert(8, [e - s if e > s else 0 for s, e in zip(starts, ends, strict=True)])
+        columns.append([now] * len(spans))  # ingested_ns
+        columns.append([trace_key(trace_id) for trace_id in spans.trace_id])
+        self._insert_columns("spans", columns, days_of("spans", spans.start_ns), parts)
+
+    def _write_logs(self, logs: LogColumns, staged: set[str], into: LogColumns) -> int:
+        """Add to `into` the records to store, leaving out (and counting) Loki entries seen
+        before; return how many."""
         sources = logs.source
         if not any(source.startswith("loki:") for source in set(sources)):
-            return logs
-        seen = set(staged)
+            into.extend(logs)
+            return len(logs)
         kept = []
         for row, source in enumerate(sources):
             if source.startswith("loki:"):
-                if source in self._entry_keys or source in seen:
+                if source in self._entry_keys or source in staged:
                     self.metrics.duplicates.labels("logs").inc()
                     continue
-                seen.add(source)
-                staged.append(source)
+                staged.add(source)
             kept.append(row)
-        return logs if len(kept) == len(sources) else logs.take(kept)
+        into.extend(logs if len(kept) == len(sources) else logs.take(kept))
+        return len(kept)
 
     def _insert_logs(self, logs: LogColumns, now: int, parts: dict[str, set[str]]) -> None:
         """One append for every log record of a transaction: DuckDB appends 10,000 rows
