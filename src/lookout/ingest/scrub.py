@@ -7,6 +7,8 @@ scrubbed text stays as it is). Config key `scrub` turns it off.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -57,42 +59,48 @@ class BatchScrubber:
         """Scrub span columns, as _logs() does log columns."""
         if not spans:
             return
-        for column in (spans.name, spans.status_message):
-            self._texts(column)
-        self._maps(spans.attributes)
-        for column in (spans.events, spans.links):
-            for row in _matching(column, MAP_GATE):
-                column[row] = self._json(column[row], self.scrubber.scrub_value)
-        spans.resource = self._shared_maps(spans.resource)
+        resources = _distinct(spans.resource)
+        names, messages = _matching_each([spans.name, spans.status_message], TEXT_GATE)
+        attributes, events, links, shared = _matching_each(
+            [spans.attributes, spans.events, spans.links, resources], MAP_GATE
+        )
+        self._rows(spans.name, names, self._text)
+        self._rows(spans.status_message, messages, self._text)
+        self._rows(spans.attributes, attributes, self._json_map)
+        self._rows(spans.events, events, self._json_value)
+        self._rows(spans.links, links, self._json_value)
+        spans.resource = self._shared(spans.resource, resources, shared)
 
     def _logs(self, logs: LogColumns) -> None:
-        """Scrub log columns: Arrow's regex engine finds, a column at a time, the values the
-        rules could change (the gates); only those go through the scrubber. Most log lines
-        hold nothing to scrub, and testing each in Python cost more than storing it."""
+        """Scrub log columns: Arrow's regex engine finds, over a request's columns at once,
+        the values the rules could change (the gates); only those go through the scrubber.
+        Most log lines hold nothing to scrub, and testing each in Python cost more than
+        storing it. One call per gate: Arrow compiles the pattern at every call."""
         if not logs:
             return
-        self._texts(logs.body)
-        self._maps(logs.attributes)
-        logs.resource = self._shared_maps(logs.resource)
+        resources = _distinct(logs.resource)
+        (bodies,) = _matching_each([logs.body], TEXT_GATE)
+        attributes, shared = _matching_each([logs.attributes, resources], MAP_GATE)
+        self._rows(logs.body, bodies, self._text)
+        self._rows(logs.attributes, attributes, self._json_map)
+        logs.resource = self._shared(logs.resource, resources, shared)
 
-    def _texts(self, column: list[str]) -> None:
-        for row in _matching(column, TEXT_GATE):
-            column[row] = self._text(column[row])
+    @staticmethod
+    def _rows(column: list[str], rows: list[int], scrub: Callable[[str], str]) -> None:
+        for row in rows:
+            column[row] = scrub(column[row])
 
-    def _maps(self, column: list[str]) -> None:
-        """A column of JSON maps, scrubbed in place."""
-        for row in _matching(column, MAP_GATE):
-            column[row] = self._json(column[row], self._mapping)
-
-    def _shared_maps(self, column: list[str]) -> list[str]:
-        """A column of JSON maps that rows share (a resource), each distinct text scrubbed
-        once: the same list when nothing changed."""
-        distinct = list({id(text): text for text in column}.values())
-        changed = {
-            id(distinct[i]): self._json(distinct[i], self._mapping)
-            for i in _matching(distinct, MAP_GATE)
-        }
+    def _shared(self, column: list[str], distinct: list[str], rows: list[int]) -> list[str]:
+        """A column of JSON maps that rows share (a resource), with each of its `distinct`
+        texts at `rows` scrubbed once: the same list when nothing changed."""
+        changed = {id(distinct[row]): self._json_map(distinct[row]) for row in rows}
         return [changed.get(id(text), text) for text in column] if changed else column
+
+    def _json_map(self, text: str) -> str:
+        return self._json(text, self._mapping)
+
+    def _json_value(self, text: str) -> str:
+        return self._json(text, self.scrubber.scrub_value)
 
     def _json(self, text: str, scrub: Callable[[Any], Any]) -> str:
         """JSON text, scrubbed by `scrub`: the same text when nothing changed."""
@@ -137,3 +145,19 @@ def _matching(values: list[str], pattern: str) -> list[int]:
         return []
     found = pc.match_substring_regex(pa.array(values, type=pa.string()), pattern)
     return pc.indices_nonzero(found).to_pylist()  # type: ignore[no-any-return]
+
+
+def _matching_each(columns: list[list[str]], pattern: str) -> list[list[int]]:
+    """_matching() of each column, in one call over them all."""
+    found = _matching(list(itertools.chain.from_iterable(columns)), pattern)
+    ends = list(itertools.accumulate(len(column) for column in columns))
+    rows: list[list[int]] = [[] for _ in columns]
+    for index in found:
+        which = bisect.bisect_right(ends, index)
+        rows[which].append(index - (ends[which - 1] if which else 0))
+    return rows
+
+
+def _distinct(texts: list[str]) -> list[str]:
+    """The distinct objects in `texts` (rows share a resource's text), in order."""
+    return list({id(text): text for text in texts}.values())
