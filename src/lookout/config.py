@@ -57,7 +57,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     scrub: bool = True
-    decode_workers: int | None = None  # None: one fewer than the cores, at most 4
+    decode_workers: int | None = None  # None: one per core, at most 4
     limits: Limits = field(default_factory=Limits)
     store_memory_limit: int = 1024 * 1024 * 1024  # DuckDB's memory_limit, in bytes
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
@@ -124,8 +124,8 @@ KEYS: dict[str, tuple[str, str]] = {
     ),
     "decode_workers": (
         "LOOKOUT_DECODE_WORKERS",
-        "processes that decode and scrub OTLP log requests (one fewer than the cores, at most "
-        "4); 0 decodes them in the server process",
+        "processes that decode and scrub OTLP span and log requests (one per core, at most 4); "
+        "0 decodes them in the server process",
     ),
     "limits": (
         "LOOKOUT_LIMITS",

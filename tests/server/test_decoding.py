@@ -233,8 +233,8 @@ def test_a_dead_worker_costs_a_retry_and_a_new_worker_takes_over(tmp_path: Path)
         assert all(len(_rows(served, marker)) == 5 for marker in acknowledged)
 
 
-def test_the_default_is_one_worker_fewer_than_the_cores() -> None:
-    assert [auto_workers(cores) for cores in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+def test_the_default_is_one_worker_per_core_at_most_four() -> None:
+    assert [auto_workers(cores) for cores in (1, 2, 3, 4, 8, 64)] == [1, 2, 3, 4, 4, 4]
 
 
 @pytest.mark.parametrize("value", ["-1", "65", "two", "1.5"])
