@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import itertools
 import os
 import random
 import re
@@ -357,8 +358,8 @@ def descendants(pid: int) -> list[int]:
 
 
 class ProcessWatch:
-    """A server's CPU over a window, and its memory sampled every 0.5 s: the server
-    process alone (RSS), and with its decoding workers (their CPU, and PSS in all)."""
+    """A server's CPU over a window, and its memory: the server process alone (RSS, every
+    0.5 s), and with its decoding workers (their CPU, and PSS in all, every 2 s)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -389,14 +390,23 @@ class ProcessWatch:
         self._thread.join()
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.5):
+        """RSS every 0.5 s; the tree's PSS every 2 s, its processes found again every 5 s.
+        Both walk more of /proc (and PSS the processes' page tables) than RSS does, in the
+        load process, whose sender threads they would otherwise slow."""
+        tree: list[int] = []
+        for tick in itertools.count():
+            if self._stop.wait(0.5):
+                return
             try:
                 self.rss.append(memory_mb(self.pid)[0])
-                total = 0.0
-                for pid in [self.pid, *descendants(self.pid)]:
-                    with contextlib.suppress(OSError):
-                        total += pss_mb(pid)
-                self.tree_pss.append(total)
+                if tick % 10 == 0:
+                    tree = [self.pid, *descendants(self.pid)]
+                if tick % 4 == 0:
+                    total = 0.0
+                    for pid in tree:
+                        with contextlib.suppress(OSError):
+                            total += pss_mb(pid)
+                    self.tree_pss.append(total)
             except (OSError, KeyError):
                 return
 
