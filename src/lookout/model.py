@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Self, TypeAlias
+from typing import Any, Self
 
 import orjson
-import pyarrow as pa
 
 Attributes = dict[str, Any]
 
@@ -77,8 +76,6 @@ class LogRecord:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-# The Arrow type of a column, by its annotation (this module's annotations are strings).
-_ARROW_TYPES = {"list[str]": pa.string(), "list[int]": pa.int64(), "list[float]": pa.float64()}
 
 
 def _field_names(kind: type) -> tuple[str, ...]:
@@ -88,71 +85,31 @@ def _field_names(kind: type) -> tuple[str, ...]:
     return names
 
 
-# A column: a list, or, once sealed, an Arrow array.
-Column: TypeAlias = "list[Any] | pa.ChunkedArray"
-
-
 class _Columns:
     """Records held column by column: one list per field, in the order of the fields.
 
     Spans and log records come in tens of thousands a second. The OTLP intake fills these
     lists straight from the decoded request, the scrubber tests whole columns at once, the
-    columns cross from a decoding worker to the server, and the writer hands each to Arrow.
-    An object and a few dicts per record cost more than all of that (docs/server.md,
-    "Measured figures"). Maps are held as the JSON text the store keeps; the records of
-    one resource share one text.
+    lists cross from a decoding worker to the server as plain values, and the writer hands
+    each to Arrow as it is. An object and a few dicts per record cost more than all of that
+    (docs/server.md, "Measured figures"). Maps are held as the JSON text the store keeps;
+    the records of one resource share one text."""
 
-    A decoding worker seals the columns only the store reads (SEALED): they become Arrow
-    arrays there, cross to the server process as buffers rather than as a Python object
-    per value, and are appended as they are. Built in the server, those arrays took a
-    fifth of its time at 30,000 log records/s."""
-
-    SEALED: tuple[str, ...] = ()
-
-    def columns(self) -> list[Column]:
+    def columns(self) -> list[list[Any]]:
         """Every column, in the order of the fields."""
         return [getattr(self, name) for name in _field_names(type(self))]
 
     def __len__(self) -> int:
         return len(getattr(self, _field_names(type(self))[0]))
 
-    def seal(self) -> None:
-        """Turn the SEALED columns into Arrow arrays (see the class)."""
-        types = {f.name: f.type for f in fields(self)}  # type: ignore[arg-type]
-        for name in self.SEALED:
-            values = getattr(self, name)
-            if isinstance(values, list):
-                array = pa.array(values, type=_ARROW_TYPES[str(types[name])])
-                setattr(self, name, pa.chunked_array([array]))
-
     def take(self, rows: Iterable[int]) -> Self:
         """The records at `rows`, in that order."""
         picked = list(rows)
-        return type(self)(*(take_column(column, picked) for column in self.columns()))
+        return type(self)(*([column[i] for i in picked] for column in self.columns()))
 
     def extend(self, other: Self) -> None:
-        types = {f.name: f.type for f in fields(self)}  # type: ignore[arg-type]
-        for name in _field_names(type(self)):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if isinstance(mine, list) and isinstance(theirs, list):
-                mine.extend(theirs)
-            else:  # a sealed column on either side: chunks, not copies
-                kind = _ARROW_TYPES[str(types[name])]
-                chunks = [*_chunks(mine, kind), *_chunks(theirs, kind)]
-                setattr(self, name, pa.chunked_array(chunks, type=kind))
-
-
-def take_column(column: Column, rows: list[int]) -> Column:
-    """The values of a column (a list, or a sealed column) at `rows`, in that order."""
-    if isinstance(column, list):
-        return [column[i] for i in rows]
-    return column.take(pa.array(rows, type=pa.int64()))
-
-
-def _chunks(column: Column, kind: pa.DataType) -> list[pa.Array]:
-    if isinstance(column, list):
-        return [pa.array(column, type=kind)] if column else []
-    return list(column.chunks)
+        for mine, theirs in zip(self.columns(), other.columns(), strict=True):
+            mine.extend(theirs)
 
 
 @dataclass
@@ -160,12 +117,6 @@ class SpanColumns(_Columns):
     """Spans as columns (see _Columns), in the order of the store's spans table, less the
     columns the writer works out (duration, ingested, trace key). Intakes with few spans
     (Sentry transactions, the server's own) build Spans and convert them with of()."""
-
-    # What the server reads of a span is its key, its day, and what span metrics count.
-    SEALED = (
-        "parent_span_id", "status_message", "attributes", "events", "links", "resource",
-        "scope", "source",
-    )  # fmt: skip
 
     trace_id: list[str] = field(default_factory=list)
     span_id: list[str] = field(default_factory=list)
@@ -218,9 +169,6 @@ class LogColumns(_Columns):
     """Log records as columns (see _Columns), in the order of the store's logs table,
     ingested_ns aside. Intakes with few records (lines, Loki) build LogRecords and convert
     them with of()."""
-
-    # What the server reads of a record is its day, source, service and level.
-    SEALED = ("body", "trace_id", "span_id", "attributes", "resource")
 
     ts_ns: list[int] = field(default_factory=list)
     observed_ns: list[int] = field(default_factory=list)  # 0: when it was stored

@@ -35,7 +35,6 @@ from lookout.model import (
     Sample,
     SpanColumns,
     json_text,
-    take_column,
 )
 from lookout.selfmetrics import ServerMetrics
 from lookout.store import recovery
@@ -459,8 +458,7 @@ class Writer:
         days: list[str],
         new_partitions: dict[str, set[str]],
     ) -> None:
-        """Append records, one sequence per column (a list, or an Arrow array a decoding
-        worker sealed), to the day tables their `days` name."""
+        """Append records, one sequence per column, to the day tables their `days` name."""
         first = days[0]
         by_day: dict[str, Sequence[Sequence[Any]]]
         if days.count(first) == len(days):  # the common case: one day
@@ -470,7 +468,7 @@ class Writer:
             for row, day in enumerate(days):
                 rows_of[day].append(row)
             by_day = {
-                day: [take_column(column, rows) for column in columns]
+                day: [[column[i] for i in rows] for column in columns]
                 for day, rows in rows_of.items()
             }
         connection = self.database.connection
@@ -480,8 +478,8 @@ class Writer:
             # Columnar: one Arrow array per column, appended by DuckDB in C++. Several
             # times faster than list parameters with unnest, dozens of times faster than
             # executemany (which binds and runs one statement per row).
-            arrays = [  # a column a decoding worker sealed is an Arrow array already
-                values if isinstance(values, pa.ChunkedArray) else pa.array(values, type=kind)
+            arrays = [
+                pa.array(values, type=kind)
                 for values, kind in zip(day_columns, self._arrow[signal], strict=True)
             ]
             table = day_table(signal, day)  # from our signal names and a date: not input
