@@ -357,3 +357,69 @@ def test_log_records_convert_column_by_column_as_they_were_sent() -> None:
         "empty": "", "i": 7, "d": 0.5, "b": True, "a": ["y"], "m": {"k": None}, "unset": None,
     }  # fmt: skip
     assert outcome.reasons == {"older than the retention horizon": 1}
+
+
+def test_spans_convert_column_by_column_as_they_were_sent() -> None:
+    """Every span column as sent: ids as hex, a root's parent empty, an end before the start
+    clamped, events and links as JSON, long values cut at the limit (event attributes too),
+    the sampling threshold's adjusted count; an invalid span is rejected alone."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from lookout.ingest import otlp
+    from lookout.ingest.limits import Limits
+
+    now = time.time_ns()
+    long_value = {"key": "blob", "value": {"stringValue": "x" * 3000}}
+    child = {
+        **_span("ab" * 16, "cd" * 8, now, name="charge"),
+        "parentSpanId": "ef" * 8,
+        "endTimeUnixNano": str(now - 1),  # before its start
+        "status": {"code": 2, "message": "declined"},
+        "traceState": "ot=th:c",  # a threshold keeping a quarter: counts 4
+        "attributes": [long_value, {"key": "n", "value": {"intValue": "3"}}],
+        "events": [{"name": "retry", "timeUnixNano": str(now), "attributes": [long_value]}],
+        "links": [{"traceId": "12" * 16, "spanId": "34" * 8}],
+    }
+    root = _span("ab" * 16, "ef" * 8, now)
+    invalid = _span("00" * 16, "11" * 8, now)
+    request = json_format.ParseDict(
+        _base64(_traces(child, root, invalid)), ExportTraceServiceRequest()
+    )
+    outcome = otlp.spans(request, Limits(), now)
+    spans = outcome.spans
+    assert outcome.reasons == {"invalid trace_id or span_id": 1}
+    assert spans.span_id == ["cd" * 8, "ef" * 8]
+    assert spans.parent_span_id == ["ef" * 8, ""]
+    assert spans.trace_id == ["ab" * 16] * 2
+    assert spans.end_ns == [now, now + 5_000_000]  # clamped to the start
+    assert spans.kind == ["server", "server"]
+    assert (spans.status_code, spans.status_message) == (["error", "unset"], ["declined", ""])
+    assert spans.adjusted_count == [4.0, 1.0]
+    assert spans.service == ["ticketing"] * 2
+    attributes = json.loads(spans.attributes[0])
+    assert (len(attributes["blob"]), attributes["n"]) == (2048, 3)
+    (event,) = json.loads(spans.events[0])
+    assert (event["name"], len(event["attributes"]["blob"])) == ("retry", 2048)
+    assert json.loads(spans.links[0]) == [
+        {"trace_id": "12" * 16, "span_id": "34" * 8, "attributes": {}}
+    ]
+    assert (spans.events[1], spans.links[1]) == ("[]", "[]")
+    assert json.loads(spans.resource[0]) == {"service.name": "ticketing"}
+
+
+def _base64(node: Any) -> Any:
+    """Hex ids as base64, which protobuf's JSON mapping wants for bytes."""
+    import base64
+
+    if isinstance(node, dict):
+        return {
+            k: base64.b64encode(bytes.fromhex(v)).decode()
+            if k in ("traceId", "spanId", "parentSpanId") and v
+            else _base64(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_base64(v) for v in node]
+    return node
