@@ -14,7 +14,7 @@ commit.
 - `decode_workers` sets the pool's size: by default one per core (at most 4); 0 decodes
   in the server process, as before the pool. A worker waits on the server process between
   requests (a request's body in, its columns out, the commit before the next one comes),
-  so one fewer than the cores left a core idle: on 2 cores, 2 workers took 21 % more log
+  so one fewer than the cores left a core idle: on 2 cores, 2 workers took 20 % more log
   records a second than 1, side by side, and 23 % more spans (docs/server.md).
 - The pool starts at the first span or log request, which waits about a second for it: a
   server that never takes OTLP spans or logs never pays its memory. The workers
