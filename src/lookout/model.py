@@ -95,6 +95,29 @@ class _Columns:
     (docs/server.md, "Measured figures"). Maps are held as the JSON text the store keeps;
     the records of one resource share one text."""
 
+    # The columns whose records hold a map or a list, stored as JSON text. `resource` is
+    # one too, encoded once for the records that share the map.
+    JSON: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, records: Iterable[Any]) -> Self:
+        """Records (Spans, LogRecords: a field of the same name for each column) as columns."""
+        columns = cls()
+        resource = SharedJson()
+        plain, encoded = [], []  # (field, the column's append), and with its encoding
+        for name, column in zip(_field_names(cls), columns.columns(), strict=True):
+            if name == "resource" or name in cls.JSON:
+                encoded.append((name, column.append, resource if name == "resource" else json_text))
+            else:
+                plain.append((name, column.append))
+        for record in records:
+            values = vars(record)
+            for name, append in plain:
+                append(values[name])
+            for name, append, encode in encoded:
+                append(encode(values[name]))
+        return columns
+
     def columns(self) -> list[list[Any]]:
         """Every column, in the order of the fields."""
         return [getattr(self, name) for name in _field_names(type(self))]
@@ -118,6 +141,8 @@ class SpanColumns(_Columns):
     columns the writer works out (duration, ingested, trace key). Intakes with few spans
     (Sentry transactions, the server's own) build Spans and convert them with of()."""
 
+    JSON = frozenset({"attributes", "events", "links"})
+
     trace_id: list[str] = field(default_factory=list)
     span_id: list[str] = field(default_factory=list)
     parent_span_id: list[str] = field(default_factory=list)  # "": a root
@@ -136,39 +161,14 @@ class SpanColumns(_Columns):
     source: list[str] = field(default_factory=list)
     adjusted_count: list[float] = field(default_factory=list)  # not stored: for span metrics
 
-    @classmethod
-    def of(cls, spans: Iterable[Span]) -> SpanColumns:
-        columns = cls()
-        resource = SharedJson()
-        for span in spans:
-            columns.append(span, resource)
-        return columns
-
-    def append(self, span: Span, resource: SharedJson) -> None:
-        self.trace_id.append(span.trace_id)
-        self.span_id.append(span.span_id)
-        self.parent_span_id.append(span.parent_span_id)
-        self.service.append(span.service)
-        self.name.append(span.name)
-        self.kind.append(span.kind)
-        self.start_ns.append(span.start_ns)
-        self.end_ns.append(span.end_ns)
-        self.status_code.append(span.status_code)
-        self.status_message.append(span.status_message)
-        self.attributes.append(json_text(span.attributes))
-        self.events.append(json_text(span.events))
-        self.links.append(json_text(span.links))
-        self.resource.append(resource(span.resource))
-        self.scope.append(span.scope)
-        self.source.append(span.source)
-        self.adjusted_count.append(span.adjusted_count)
-
 
 @dataclass
 class LogColumns(_Columns):
     """Log records as columns (see _Columns), in the order of the store's logs table,
     ingested_ns aside. Intakes with few records (lines, Loki) build LogRecords and convert
     them with of()."""
+
+    JSON = frozenset({"attributes"})
 
     ts_ns: list[int] = field(default_factory=list)
     observed_ns: list[int] = field(default_factory=list)  # 0: when it was stored
@@ -181,24 +181,6 @@ class LogColumns(_Columns):
     attributes: list[str] = field(default_factory=list)  # JSON text
     resource: list[str] = field(default_factory=list)  # JSON text
     source: list[str] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, records: Iterable[LogRecord]) -> LogColumns:
-        columns = cls()
-        resource = SharedJson()
-        for record in records:
-            columns.ts_ns.append(record.ts_ns)
-            columns.observed_ns.append(record.observed_ns)
-            columns.service.append(record.service)
-            columns.level.append(record.level)
-            columns.severity_number.append(record.severity_number)
-            columns.body.append(record.body)
-            columns.trace_id.append(record.trace_id)
-            columns.span_id.append(record.span_id)
-            columns.attributes.append(json_text(record.attributes))
-            columns.resource.append(resource(record.resource))
-            columns.source.append(record.source)
-        return columns
 
 
 @dataclass

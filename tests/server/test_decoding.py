@@ -9,7 +9,7 @@ import os
 import pickle
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +95,26 @@ def test_the_workers_decode_and_the_server_process_does_not(tmp_path: Path) -> N
         assert len(_rows(served, "pooled")) == 20
 
 
-def test_pooled_and_inline_decoding_store_the_same_rows(tmp_path: Path) -> None:
-    body = _logs(50, "same")
-    stored = []
+def _inline_then_pooled(
+    tmp_path: Path, path: str, body: bytes, read: Callable[[InProcess], Any]
+) -> list[Any]:
+    """`body` posted to `path` of a server decoding in its own process, then of one with a
+    worker: what `read` finds in each."""
+    found = []
     for workers in (0, 1):
         config = config_for(tmp_path / f"data-{workers}", decode_workers=workers)
         with in_process(config) as served:
-            assert served.client.post("/v1/logs", content=body, headers=PROTOBUF).status_code == 200
-            stored.append(_rows(served, "same"))
+            response = served.client.post(path, content=body, headers=PROTOBUF)
+            assert response.status_code == 200, response.text
+            assert len(served.runtime.decoders.pids()) == workers  # the worker decoded it
+            found.append(read(served))
+    return found
+
+
+def test_pooled_and_inline_decoding_store_the_same_rows(tmp_path: Path) -> None:
+    stored = _inline_then_pooled(
+        tmp_path, "/v1/logs", _logs(50, "same"), lambda served: _rows(served, "same")
+    )
     assert len(stored[0]) == 50
     assert stored[0] == stored[1]
     body_text, attributes = stored[0][0][3], stored[0][0][6]
@@ -145,34 +157,33 @@ def _spans(count: int, marker: str) -> bytes:
     return bytes(message.SerializeToString())
 
 
+def _span_rows_and_calls(served: InProcess) -> tuple[list[tuple[Any, ...]], float]:
+    """The stored spans marked "same", and the span metrics' calls counted for them."""
+    rows = (
+        served.runtime.database.cursor()
+        .execute(
+            "SELECT * EXCLUDE (ingested_ns) FROM spans WHERE name LIKE 'same%' ORDER BY start_ns"
+        )
+        .fetchall()
+    )
+    calls = sum(
+        sample.value
+        for family in served.runtime.derived.calls.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["service_name"] == "payments"
+    )
+    return rows, calls
+
+
 def test_pooled_and_inline_decoding_store_the_same_spans(tmp_path: Path) -> None:
-    body = _spans(40, "same")
-    stored = []
-    for workers in (0, 1):
-        config = config_for(tmp_path / f"data-{workers}", decode_workers=workers)
-        with in_process(config) as served:
-            response = served.client.post("/v1/traces", content=body, headers=PROTOBUF)
-            assert response.status_code == 200, response.text
-            if workers:
-                assert served.runtime.decoders.pids(), "the worker decoded them"
-            cursor = served.runtime.database.cursor()
-            stored.append(
-                cursor.execute(
-                    "SELECT * EXCLUDE (ingested_ns) FROM spans WHERE name LIKE 'same%' "
-                    "ORDER BY start_ns"
-                ).fetchall()
-            )
-            calls = served.runtime.derived.calls
-            counted = sum(
-                sample.value
-                for family in calls.collect()
-                for sample in family.samples
-                if sample.name.endswith("_total") and sample.labels["service_name"] == "payments"
-            )
-            assert counted == 32 + 8 * 2  # a threshold of 8 keeps half: those count twice
-    assert len(stored[0]) == 40
-    assert stored[0] == stored[1]
-    text = repr(stored[0])
+    (stored_inline, calls_inline), (stored_pooled, calls_pooled) = _inline_then_pooled(
+        tmp_path, "/v1/traces", _spans(40, "same"), _span_rows_and_calls
+    )
+    # A threshold of 8 keeps half: those 8 spans count twice.
+    assert calls_inline == calls_pooled == 32 + 8 * 2
+    assert len(stored_inline) == 40
+    assert stored_inline == stored_pooled
+    text = repr(stored_pooled)
     for secret in (
         "4111 1111 1111 1111",
         "user@example.com",
